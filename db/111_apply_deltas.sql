@@ -1,0 +1,67 @@
+-- _apply_deltas: applies per-user changes of the counted set to user_stats, one global slot and the
+-- event outbox, in the caller's transaction. The only code that moves totals (called by the triggers).
+CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(
+    p_user_ids    uuid[],
+    p_lbs         numeric[],
+    p_counts      integer[],
+    p_latest      timestamptz[],
+    p_removed     boolean[],
+    p_action_ids  uuid[],
+    p_kinds       text[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_delta     numeric;
+    v_removed   uuid[];
+BEGIN
+    SELECT coalesce(sum(d.lbs), 0), array_agg(d.user_id ORDER BY d.user_id) FILTER (WHERE d.removed)
+      INTO v_delta, v_removed
+      FROM unnest(p_lbs, p_removed, p_user_ids) AS d(lbs, removed, user_id);
+
+    -- A user who lost a counted action already has a row (a CHECK would reject a negative insert):
+    -- lock those rows first, in user_id order, so that the UPDATE below takes its snapshot after
+    -- every concurrent change to them committed and recomputes last_action_at from the actions.
+    IF v_removed IS NOT NULL THEN
+        PERFORM FROM bulk_sync.user_stats AS s
+          WHERE s.user_id = ANY (v_removed)
+          ORDER BY s.user_id
+            FOR UPDATE;
+
+        UPDATE bulk_sync.user_stats AS s
+           SET total_emissions_lbs = s.total_emissions_lbs + d.lbs,
+               action_count        = s.action_count + d.n,
+               last_action_at      = (SELECT max(a.logged_at)
+                                        FROM bulk_sync.user_actions AS a
+                                       WHERE a.user_id = s.user_id AND a.verified AND NOT a.revoked),
+               last_updated        = now()
+          FROM unnest(p_user_ids, p_lbs, p_counts, p_removed) AS d(user_id, lbs, n, removed)
+         WHERE d.removed AND s.user_id = d.user_id;
+    END IF;
+
+    -- Users who only gained counted actions: add, creating the row on a user's first action.
+    INSERT INTO bulk_sync.user_stats AS s (user_id, total_emissions_lbs, action_count, last_action_at, last_updated)
+    SELECT d.user_id, d.lbs, d.n, d.latest, now()
+      FROM unnest(p_user_ids, p_lbs, p_counts, p_latest, p_removed) AS d(user_id, lbs, n, latest, removed)
+     WHERE NOT d.removed
+     ORDER BY d.user_id
+        ON CONFLICT (user_id) DO UPDATE
+       SET total_emissions_lbs = s.total_emissions_lbs + excluded.total_emissions_lbs,
+           action_count        = s.action_count + excluded.action_count,
+           last_action_at      = greatest(s.last_action_at, excluded.last_action_at),
+           last_updated        = excluded.last_updated;
+
+    IF v_delta <> 0 THEN
+        UPDATE bulk_sync._global_slots
+           SET total_lbs = total_lbs + v_delta,
+               last_updated = now()
+         WHERE slot = pg_backend_pid() % 64;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'global slot % is missing', pg_backend_pid() % 64
+                USING ERRCODE = 'P0002', HINT = 'Run SELECT bulk_sync.reconcile() after restoring bulk_sync._global_slots.';
+        END IF;
+    END IF;
+
+    PERFORM bulk_sync._emit_user_events(p_user_ids, p_action_ids, p_kinds);
+END
+$$;

@@ -1,0 +1,81 @@
+-- log_action (positional form): records one action exactly once and returns the totals it produced.
+-- The hot path of the API: one INSERT ... ON CONFLICT; the totals move in the same transaction through
+-- the triggers on user_actions. Status: inserted, duplicate, verified; BS002 for conflicting facts.
+CREATE OR REPLACE FUNCTION bulk_sync.log_action(
+    p_action_id  uuid,
+    p_user_id    uuid,
+    p_lbs        numeric,
+    p_logged_at  timestamptz,
+    p_verified   boolean DEFAULT false,
+    p_metadata   jsonb   DEFAULT '{}')
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = bulk_sync, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lbs       numeric(30,6);
+    v_metadata  jsonb := coalesce(p_metadata, '{}');
+    v_stored    bulk_sync.user_actions;
+    v_status    text := 'inserted';
+    v_message   text;
+BEGIN
+    IF p_action_id IS NULL OR p_user_id IS NULL OR p_verified IS NULL THEN
+        RAISE EXCEPTION 'log_action: % is required',
+              concat_ws(', ', CASE WHEN p_action_id IS NULL THEN 'action_id' END,
+                              CASE WHEN p_user_id IS NULL THEN 'user_id' END,
+                              CASE WHEN p_verified IS NULL THEN 'verified' END)
+            USING ERRCODE = 'BS001', DETAIL = 'null argument';
+    END IF;
+    IF jsonb_typeof(v_metadata) <> 'object' THEN
+        RAISE EXCEPTION 'log_action: metadata must be a JSON object'
+            USING ERRCODE = 'BS001', DETAIL = format('metadata: %s', v_metadata);
+    END IF;
+    v_lbs := bulk_sync._check_lbs(p_lbs, 'log_action');
+    PERFORM bulk_sync._check_logged_at(p_logged_at, 'log_action');
+
+    INSERT INTO bulk_sync.user_actions AS a
+           (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
+    VALUES (p_action_id, p_user_id, v_lbs, p_verified, p_logged_at, v_metadata,
+            CASE WHEN p_verified THEN now() END)
+        ON CONFLICT (action_id) DO NOTHING;
+
+    IF FOUND THEN
+        v_message := CASE WHEN p_verified THEN 'Emission logged successfully'
+                          ELSE 'Action logged; it counts once verified' END;
+    ELSE
+        SELECT * INTO v_stored FROM bulk_sync.user_actions AS a WHERE a.action_id = p_action_id FOR UPDATE;
+        PERFORM bulk_sync._check_same_facts(v_stored.user_id, v_stored.emissions_saved_lbs, v_stored.logged_at,
+                                            p_user_id, v_lbs, p_logged_at, 'log_action');
+        IF v_stored.revoked THEN
+            v_status := 'duplicate';
+            v_message := 'Duplicate action_id: the action is revoked and stays revoked';
+        ELSIF p_verified AND NOT v_stored.verified THEN
+            UPDATE bulk_sync.user_actions AS a
+               SET verified = true, verified_at = now()
+             WHERE a.action_id = p_action_id;
+            INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
+            VALUES (p_action_id, p_user_id, 'pending', 'verified', session_user, 'log_action');
+            v_status := 'verified';
+            v_message := 'Duplicate action_id: the stored action is now verified and counts';
+        ELSE
+            v_status := 'duplicate';
+            v_message := 'Duplicate action_id: already recorded, totals unchanged';
+        END IF;
+    END IF;
+
+    RETURN jsonb_build_object(
+        'success',          true,
+        'status',           v_status,
+        'action_id',        p_action_id,
+        'user_id',          p_user_id,
+        'emissions_lbs',    bulk_sync._amount(v_lbs),
+        'user_total_lbs',   bulk_sync._amount(bulk_sync.user_total(p_user_id)),
+        'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()),
+        'is_duplicate',     v_status <> 'inserted',
+        'message',          v_message,
+        'timestamp',        bulk_sync._iso(now()));
+END
+$$;
+COMMENT ON FUNCTION bulk_sync.log_action(uuid, uuid, numeric, timestamptz, boolean, jsonb) IS
+    'Records one action exactly once (idempotent by action_id) and returns JSON with the user and global totals. status: inserted | duplicate | verified; BS001 invalid input, BS002 action_id reused with different facts.';

@@ -1,0 +1,52 @@
+-- publish_events: numbers outbox events in commit order and wakes listeners once per batch.
+-- Only one publisher at a time (advisory lock held to commit), so event ids never go backwards.
+CREATE OR REPLACE FUNCTION bulk_sync.publish_events(p_max integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = bulk_sync, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count   integer;
+    v_last    bigint;
+    v_single  jsonb;
+BEGIN
+    IF p_max IS NULL OR p_max < 1 THEN
+        RAISE EXCEPTION 'publish_events: p_max must be positive' USING ERRCODE = 'BS001', DETAIL = format('p_max: %s', p_max);
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(1651862635, 2) THEN
+        RETURN 0;  -- another session is publishing; its events appear when it commits
+    END IF;
+
+    WITH moved AS (
+        DELETE FROM bulk_sync._event_outbox AS o
+         WHERE o.outbox_id IN (SELECT x.outbox_id FROM bulk_sync._event_outbox AS x ORDER BY x.outbox_id LIMIT p_max)
+        RETURNING o.outbox_id, o.payload, o.created_at
+    ), published AS (
+        INSERT INTO bulk_sync.events (event_id, payload, created_at)
+        SELECT nextval('bulk_sync.event_id_seq'), m.payload, m.created_at
+          FROM (SELECT * FROM moved ORDER BY outbox_id) AS m
+        RETURNING event_id, payload
+    )
+    SELECT count(*), max(p.event_id), CASE WHEN count(*) = 1 THEN (array_agg(p.payload))[1] END
+      INTO v_count, v_last, v_single
+      FROM published AS p;
+
+    IF v_count > 0 THEN
+        -- One notification per batch, whatever its size: payload well under NOTIFY's 8000 bytes.
+        PERFORM pg_notify('bulk_sync_leaderboard', (
+            jsonb_build_object('last_event_id', v_last,
+                               'events', v_count,
+                               'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()))
+            || CASE WHEN v_single IS NOT NULL
+                    THEN jsonb_build_object('kind', v_single -> 'kind',
+                                            'user_id', v_single -> 'user_id',
+                                            'user_total_lbs', v_single -> 'user_total_lbs',
+                                            'action_id', v_single -> 'action_id')
+                    ELSE '{}'::jsonb END)::text);
+    END IF;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION bulk_sync.publish_events(integer) IS
+    'Numbers up to p_max pending events in commit order and sends one bulk_sync_leaderboard notification; returns how many it published (0 when another publisher holds the lock). Run by bulk-sync worker and by events_since.';

@@ -1,0 +1,27 @@
+-- events_since: durable change events after a given id, oldest first.
+-- Publishes pending events first (when it can), so readers need no worker to make progress.
+CREATE OR REPLACE FUNCTION bulk_sync.events_since(p_after bigint, p_limit integer DEFAULT 1000)
+RETURNS TABLE (event_id bigint, payload jsonb)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = bulk_sync, pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_after IS NULL OR p_after < 0 THEN
+        RAISE EXCEPTION 'events_since: p_after must be 0 or a previous event_id' USING ERRCODE = 'BS001', DETAIL = format('p_after: %s', p_after);
+    ELSIF p_limit IS NULL OR p_limit < 1 OR p_limit > 10000 THEN
+        RAISE EXCEPTION 'events_since: p_limit must be between 1 and 10000' USING ERRCODE = 'BS001', DETAIL = format('p_limit: %s', p_limit);
+    END IF;
+    IF NOT current_setting('transaction_read_only')::boolean THEN
+        PERFORM bulk_sync.publish_events();
+    END IF;
+    RETURN QUERY
+    SELECT e.event_id, e.payload
+      FROM bulk_sync.events AS e
+     WHERE e.event_id > p_after
+     ORDER BY e.event_id
+     LIMIT p_limit;
+END
+$$;
+COMMENT ON FUNCTION bulk_sync.events_since(bigint, integer) IS
+    'Change events with event_id > p_after in commit order (at most p_limit). Resume from the last id seen: nothing is missed or repeated.';

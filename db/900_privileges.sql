@@ -1,0 +1,37 @@
+-- Privileges, in one place: nothing for PUBLIC, then what each of the three roles may do.
+-- Runs after every other definition so that new functions never keep PostgreSQL's default EXECUTE.
+REVOKE ALL ON SCHEMA bulk_sync FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA bulk_sync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA bulk_sync FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bulk_sync FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA bulk_sync TO bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
+
+-- Writers record actions; they read nothing directly.
+GRANT EXECUTE ON FUNCTION
+    bulk_sync.log_action(jsonb),
+    bulk_sync.log_action(uuid, uuid, numeric, timestamptz, boolean, jsonb),
+    bulk_sync.bulk_backfill(jsonb),
+    bulk_sync.verify_action(uuid, text),
+    bulk_sync.revoke_action(uuid, text, text)
+TO bulk_sync_writer;
+
+-- Readers see everything and call the read functions.
+GRANT SELECT ON ALL TABLES IN SCHEMA bulk_sync TO bulk_sync_reader;
+GRANT EXECUTE ON FUNCTION
+    bulk_sync.leaderboard(integer, integer),
+    bulk_sync.user_rank(uuid),
+    bulk_sync.leaderboard_around(uuid, integer),
+    bulk_sync.leaderboard_json(integer, integer),
+    bulk_sync.global_total(timestamptz),
+    bulk_sync.user_total(uuid, timestamptz),
+    bulk_sync.events_since(bigint, integer),
+    bulk_sync.status()
+TO bulk_sync_reader;
+
+-- Admins are members of both roles (0004.roles) and run the operational functions.
+GRANT EXECUTE ON FUNCTION
+    bulk_sync.reconcile(jsonb),
+    bulk_sync.publish_events(integer),
+    bulk_sync.prune_events(interval)
+TO bulk_sync_admin;
