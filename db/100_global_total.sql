@@ -8,7 +8,7 @@ SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
     SELECT CASE
                WHEN p_as_of IS NULL
-               THEN (SELECT coalesce(sum(g.total_lbs), 0)::numeric(30,6) FROM bulk_sync._global_slots AS g)
+               THEN bulk_sync._current_global_total()
                ELSE (SELECT coalesce(sum(a.emissions_saved_lbs), 0)::numeric(30,6)
                        FROM bulk_sync.user_actions AS a
                       WHERE a.verified AND NOT a.revoked AND a.logged_at <= p_as_of)

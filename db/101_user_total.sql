@@ -11,8 +11,7 @@ BEGIN
         RAISE EXCEPTION 'user_total: p_user_id is required' USING ERRCODE = 'BS001', DETAIL = 'p_user_id: null';
     END IF;
     IF p_as_of IS NULL THEN
-        RETURN coalesce((SELECT s.total_emissions_lbs FROM bulk_sync.user_stats AS s WHERE s.user_id = p_user_id),
-                        0)::numeric(30,6);
+        RETURN bulk_sync._current_user_total(p_user_id);
     END IF;
     RETURN (SELECT coalesce(sum(a.emissions_saved_lbs), 0)::numeric(30,6)
               FROM bulk_sync.user_actions AS a

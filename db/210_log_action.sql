@@ -70,8 +70,8 @@ BEGIN
         'action_id',        p_action_id,
         'user_id',          p_user_id,
         'emissions_lbs',    bulk_sync._amount(v_lbs),
-        'user_total_lbs',   bulk_sync._amount(bulk_sync.user_total(p_user_id)),
-        'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()),
+        'user_total_lbs',   bulk_sync._amount(bulk_sync._current_user_total(p_user_id)),
+        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
         'is_duplicate',     v_status <> 'inserted',
         'message',          v_message,
         'timestamp',        bulk_sync._iso(now()));

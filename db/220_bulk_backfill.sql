@@ -163,7 +163,7 @@ BEGIN
         'inserted_count',   v_inserted,
         'skipped_count',    v_total - v_inserted - v_verified,
         'verified_count',   v_verified,
-        'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()),
+        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
         'affected_users',   v_affected,
         'message',          format('Bulk backfill completed: %s inserted, %s skipped', v_inserted, v_total - v_inserted - v_verified)
                             || CASE WHEN v_verified > 0 THEN format(', %s verified', v_verified) ELSE '' END,

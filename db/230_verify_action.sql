@@ -35,8 +35,8 @@ BEGIN
         'action_id',        p_action_id,
         'user_id',          v_action.user_id,
         'status',           v_status,
-        'user_total_lbs',   bulk_sync._amount(bulk_sync.user_total(v_action.user_id)),
-        'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()));
+        'user_total_lbs',   bulk_sync._amount(bulk_sync._current_user_total(v_action.user_id)),
+        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.verify_action(uuid, text) IS

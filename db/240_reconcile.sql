@@ -135,10 +135,7 @@ BEGIN
               FROM audited AS a;
 
             IF v_user_fixes > 0 THEN
-                PERFORM bulk_sync._emit_user_events(
-                    v_fixed_users,
-                    array_fill(NULL::uuid, ARRAY[v_user_fixes]),
-                    array_fill('reconciled'::text, ARRAY[v_user_fixes]));
+                PERFORM bulk_sync._emit_user_events(v_fixed_users, 'reconciled');
             END IF;
         END IF;
         v_fixed := v_correction_id IS NOT NULL;

@@ -37,7 +37,7 @@ BEGIN
         PERFORM pg_notify('bulk_sync_leaderboard', (
             jsonb_build_object('last_event_id', v_last,
                                'events', v_count,
-                               'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()))
+                               'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()))
             || CASE WHEN v_single IS NOT NULL
                     THEN jsonb_build_object('kind', v_single -> 'kind',
                                             'user_id', v_single -> 'user_id',

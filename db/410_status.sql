@@ -8,7 +8,7 @@ SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
     SELECT jsonb_build_object(
-        'global_total_lbs', bulk_sync._amount(bulk_sync.global_total()),
+        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
         'users',            (SELECT count(*) FROM bulk_sync.user_stats AS s WHERE s.action_count > 0),
         'counted_actions',  (SELECT coalesce(sum(s.action_count), 0) FROM bulk_sync.user_stats AS s),
         'last_reconcile',   (SELECT r.result || jsonb_build_object('finished_at', bulk_sync._iso(r.finished_at))
