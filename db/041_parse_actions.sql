@@ -29,7 +29,7 @@ BEGIN
                          AND (e.doc ->> 'lbs')::numeric < 1e24
                          AND scale(trim_scale((e.doc ->> 'lbs')::numeric)) <= 6
                          AND jsonb_typeof(e.doc -> 'logged_at') = 'string'
-                         AND bulk_sync._has_zone_text(e.doc ->> 'logged_at')
+                         AND bulk_sync._is_timestamp_text(e.doc ->> 'logged_at')
                          AND (e.doc ->> 'logged_at')::timestamptz <= now() + interval '5 minutes'
                          AND coalesce(jsonb_typeof(e.doc -> 'verified'), 'null') IN ('boolean', 'null')
                          AND coalesce(jsonb_typeof(e.doc -> 'metadata'), 'null') IN ('object', 'null'),
