@@ -6,6 +6,6 @@ LANGUAGE plpgsql
 STABLE PARALLEL SAFE
 AS $$
 BEGIN
-    RETURN coalesce((SELECT s.total_emissions_lbs FROM bulk_sync.user_stats AS s WHERE s.user_id = p_user_id), 0);
+    RETURN coalesce((SELECT s.total_emissions_lbs FROM bulk_sync.user_stats AS s WHERE s.user_id = p_user_id), 0)::numeric(30,6);
 END
 $$;

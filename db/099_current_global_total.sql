@@ -6,6 +6,6 @@ LANGUAGE plpgsql
 STABLE PARALLEL SAFE
 AS $$
 BEGIN
-    RETURN (SELECT coalesce(sum(g.total_lbs), 0) FROM bulk_sync._global_slots AS g);
+    RETURN (SELECT coalesce(sum(g.total_lbs), 0) FROM bulk_sync._global_slots AS g)::numeric(30,6);
 END
 $$;
