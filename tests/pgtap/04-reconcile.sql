@@ -1,0 +1,218 @@
+-- reconcile: in sync on a fresh ledger; finds and fixes global drift (seed integration test 2) and
+-- per-user drift, audits each fix in emissions_corrections with its run, and changes nothing when
+-- auto_correct is false.
+BEGIN;
+SELECT plan(67);
+
+CREATE SCHEMA tests;
+
+-- A digest of every bulk_sync table, one line per table, so "nothing changed" names the table that did.
+CREATE FUNCTION tests.fingerprint() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_table  regclass;
+    v_md5    text;
+    v_lines  text[] := '{}';
+BEGIN
+    FOR v_table IN
+        SELECT c.oid::regclass FROM pg_catalog.pg_class AS c
+          JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'bulk_sync' AND c.relkind IN ('r', 'p')
+         ORDER BY c.relname
+    LOOP
+        EXECUTE format('SELECT md5(coalesce(string_agg(t::text, E''\n'' ORDER BY t::text), '''')) FROM %s AS t', v_table)
+           INTO v_md5;
+        v_lines := v_lines || (v_table::text || ' ' || v_md5);
+    END LOOP;
+    RETURN array_to_string(v_lines, E'\n');
+END
+$$;
+
+CREATE FUNCTION tests.global() RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1 $$;
+
+CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
+CREATE FUNCTION tests.r(p_name text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$ SELECT response FROM tests.responses WHERE name = p_name $$;
+CREATE TABLE tests.marks (name text PRIMARY KEY, fp text NOT NULL);
+CREATE FUNCTION tests.mark(p_name text) RETURNS void
+LANGUAGE sql AS $$ INSERT INTO tests.marks VALUES (p_name, tests.fingerprint()) $$;
+CREATE FUNCTION tests.fp(p_name text) RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT fp FROM tests.marks WHERE name = p_name $$;
+
+-- The keys the contract lists for reconcile's response (3.3).
+CREATE FUNCTION tests.missing_keys(p_doc jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(array_agg(k ORDER BY k), '{}')
+      FROM unnest(ARRAY['in_sync', 'user_stats_sum', 'global_total', 'discrepancy', 'fixed', 'correction_id',
+                        'users_out_of_sync', 'run_id', 'timestamp']) AS k
+     WHERE NOT p_doc ? k
+$$;
+
+------------------------------------------------------------------------------------------------------
+-- a fresh ledger is in sync
+INSERT INTO tests.responses VALUES ('fresh', bulk_sync.reconcile());
+SELECT is(tests.r('fresh') -> 'in_sync', 'true'::jsonb, 'fresh ledger: in_sync');
+SELECT is(tests.r('fresh') ->> 'user_stats_sum', '0.000000', 'fresh ledger: user_stats_sum 0.000000');
+SELECT is(tests.r('fresh') ->> 'discrepancy', '0.000000', 'fresh ledger: discrepancy 0.000000');
+SELECT is(tests.r('fresh') -> 'fixed', 'false'::jsonb, 'fresh ledger: fixed false');
+SELECT is(tests.r('fresh') -> 'correction_id', 'null'::jsonb, 'fresh ledger: correction_id null');
+SELECT is(tests.missing_keys(tests.r('fresh')), '{}'::text[], 'the response has every key of the contract');
+SELECT matches(tests.r('fresh') ->> 'timestamp', 'Z$', 'the response timestamp ends with Z');
+
+-- The seed's three actions, plus a pending and a revoked action that must not count.
+SELECT lives_ok($$SELECT bulk_sync.bulk_backfill('{"actions": [
+    {"action_id": "00000000-0000-4000-8000-0000000000a1", "user_id": "00000000-0000-4000-8000-000000000001",
+     "lbs": "10.2", "logged_at": "2025-11-05T10:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-0000000000a2", "user_id": "00000000-0000-4000-8000-000000000002",
+     "lbs": "10.3", "logged_at": "2025-11-05T10:05:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-0000000000a3", "user_id": "00000000-0000-4000-8000-000000000003",
+     "lbs": "10.4", "logged_at": "2025-11-05T10:10:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-0000000000a4", "user_id": "00000000-0000-4000-8000-000000000003",
+     "lbs": "100", "logged_at": "2025-11-05T10:15:00Z"},
+    {"action_id": "00000000-0000-4000-8000-0000000000a5", "user_id": "00000000-0000-4000-8000-000000000001",
+     "lbs": "200", "logged_at": "2025-11-05T10:20:00Z", "verified": true}]}')$$,
+    'load the seed actions');
+SELECT lives_ok($$SELECT bulk_sync.revoke_action('00000000-0000-4000-8000-0000000000a5', 'entered twice')$$,
+    'revoke one of them');
+
+INSERT INTO tests.responses VALUES ('loaded', bulk_sync.reconcile());
+SELECT is(tests.r('loaded') -> 'in_sync', 'true'::jsonb, 'after normal writes: in_sync');
+SELECT is(tests.r('loaded') ->> 'user_stats_sum', '30.900000', 'after normal writes: user_stats_sum counts only counted actions');
+SELECT is(tests.r('loaded') ->> 'global_total', '30.900000', 'after normal writes: global_total');
+SELECT is(tests.r('loaded') -> 'users_out_of_sync', '0'::jsonb, 'after normal writes: no user out of sync');
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections), 0::bigint, 'in sync: no correction written');
+
+------------------------------------------------------------------------------------------------------
+-- global drift (seed integration test 2)
+UPDATE bulk_sync.global_emissions SET total_lbs_saved = '30.500000' WHERE id = 1;
+SELECT is(tests.global(), '30.500000', 'the simulated drift is visible in global_emissions');
+
+INSERT INTO tests.responses VALUES ('drift', bulk_sync.reconcile());
+SELECT is(tests.r('drift') -> 'in_sync', 'false'::jsonb, 'drift: in_sync false');
+SELECT is(tests.r('drift') ->> 'user_stats_sum', '30.900000', 'drift: user_stats_sum is the sum of counted actions');
+SELECT is(tests.r('drift') ->> 'global_total', '30.500000', 'drift: global_total is the value before the fix');
+SELECT is(tests.r('drift') ->> 'discrepancy', '0.400000', 'drift: discrepancy 0.400000');
+SELECT is(tests.r('drift') -> 'fixed', 'true'::jsonb, 'drift: fixed true');
+SELECT is(tests.r('drift') -> 'users_out_of_sync', '0'::jsonb, 'drift: no user out of sync');
+SELECT isnt(tests.r('drift') -> 'correction_id', 'null'::jsonb, 'drift: correction_id set');
+SELECT is(tests.global(), '30.900000', 'drift: global_emissions corrected to SUM(counted actions)');
+SELECT is(bulk_sync.global_total()::text, '30.900000', 'drift: global_total() corrected');
+
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections), 1::bigint, 'drift: one correction recorded');
+SELECT results_eq(
+    $$SELECT correction_id, previous_total::text, corrected_total::text, discrepancy::text, performed_by,
+             reconciliation_run_id
+        FROM bulk_sync.emissions_corrections$$,
+    $$SELECT (r.response ->> 'correction_id')::uuid, '30.500000', '30.900000', '0.400000', 'system',
+             (r.response ->> 'run_id')::uuid
+        FROM tests.responses AS r WHERE r.name = 'drift'$$,
+    'drift: the correction row matches the response (previous, corrected, discrepancy, performed_by system, run)');
+SELECT isnt((SELECT nullif(btrim(reason), '') FROM bulk_sync.emissions_corrections), NULL, 'drift: the correction has a reason');
+SELECT is((SELECT count(*) FROM bulk_sync.reconciliation_runs WHERE run_id = (tests.r('drift') ->> 'run_id')::uuid),
+    1::bigint, 'drift: the run is recorded in reconciliation_runs');
+SELECT is((SELECT in_sync FROM bulk_sync.reconciliation_runs WHERE run_id = (tests.r('drift') ->> 'run_id')::uuid),
+    false, 'drift: the recorded run says out of sync');
+
+INSERT INTO tests.responses VALUES ('after fix', bulk_sync.reconcile());
+SELECT is(tests.r('after fix') -> 'in_sync', 'true'::jsonb, 'second run: in sync');
+SELECT is(tests.r('after fix') -> 'fixed', 'false'::jsonb, 'second run: fixed false');
+SELECT is(tests.r('after fix') -> 'correction_id', 'null'::jsonb, 'second run: correction_id null');
+SELECT is(tests.r('after fix') ->> 'discrepancy', '0.000000', 'second run: discrepancy 0.000000');
+SELECT isnt(tests.r('after fix') ->> 'run_id', tests.r('drift') ->> 'run_id', 'second run: a new run_id');
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections), 1::bigint, 'second run: no new correction');
+
+-- Drift upwards: discrepancy is absolute.
+UPDATE bulk_sync.global_emissions SET total_lbs_saved = '31.000001' WHERE id = 1;
+INSERT INTO tests.responses VALUES ('drift up', bulk_sync.reconcile('{"performed_by": "alice"}'));
+SELECT is(tests.r('drift up') ->> 'discrepancy', '0.100001', 'global above the truth: discrepancy is absolute');
+SELECT is(tests.r('drift up') ->> 'global_total', '31.000001', 'global above the truth: global_total before the fix');
+SELECT is(tests.global(), '30.900000', 'global above the truth: corrected');
+SELECT results_eq(
+    $$SELECT previous_total::text, corrected_total::text, discrepancy::text, performed_by
+        FROM bulk_sync.emissions_corrections WHERE correction_id = (tests.r('drift up') ->> 'correction_id')::uuid$$,
+    $$VALUES ('31.000001', '30.900000', '0.100001', 'alice')$$,
+    'performed_by is recorded on the correction');
+SELECT is((SELECT performed_by FROM bulk_sync.reconciliation_runs WHERE run_id = (tests.r('drift up') ->> 'run_id')::uuid),
+    'alice', 'performed_by is recorded on the run');
+
+------------------------------------------------------------------------------------------------------
+-- auto_correct false: report only
+UPDATE bulk_sync.global_emissions SET total_lbs_saved = '30.000000' WHERE id = 1;
+SELECT tests.mark('before dry run');
+CREATE TABLE tests.corrections_before AS SELECT count(*) AS n FROM bulk_sync.emissions_corrections;
+INSERT INTO tests.responses VALUES ('dry', bulk_sync.reconcile('{"auto_correct": false}'));
+SELECT is(tests.r('dry') -> 'in_sync', 'false'::jsonb, 'auto_correct false: in_sync false');
+SELECT is(tests.r('dry') ->> 'discrepancy', '0.900000', 'auto_correct false: the discrepancy is reported');
+SELECT is(tests.r('dry') -> 'fixed', 'false'::jsonb, 'auto_correct false: fixed false');
+SELECT is(tests.r('dry') -> 'correction_id', 'null'::jsonb, 'auto_correct false: correction_id null');
+SELECT is(tests.global(), '30.000000', 'auto_correct false: the global total is left as it was');
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections), (SELECT n FROM tests.corrections_before),
+    'auto_correct false: no correction written');
+SELECT is((SELECT count(*) FROM bulk_sync.reconciliation_runs WHERE run_id = (tests.r('dry') ->> 'run_id')::uuid),
+    1::bigint, 'auto_correct false: the run is still recorded');
+
+INSERT INTO tests.responses VALUES ('after dry', bulk_sync.reconcile('{"auto_correct": true, "performed_by": "bob"}'));
+SELECT is(tests.r('after dry') -> 'fixed', 'true'::jsonb, 'a later run with auto_correct fixes it');
+SELECT is(tests.global(), '30.900000', 'and the global total is exact again');
+
+------------------------------------------------------------------------------------------------------
+-- per-user drift
+UPDATE bulk_sync.user_stats SET total_emissions_lbs = '99.000000' WHERE user_id = '00000000-0000-4000-8000-000000000001';
+INSERT INTO tests.responses VALUES ('user drift', bulk_sync.reconcile('{"performed_by": "carol"}'));
+SELECT is(tests.r('user drift') -> 'in_sync', 'false'::jsonb, 'user drift: in_sync false though the global total matches');
+SELECT is(tests.r('user drift') -> 'users_out_of_sync', '1'::jsonb, 'user drift: one user out of sync');
+SELECT is(tests.r('user drift') ->> 'discrepancy', '0.000000', 'user drift: no global discrepancy');
+SELECT is(tests.r('user drift') -> 'fixed', 'true'::jsonb, 'user drift: fixed true');
+SELECT is((SELECT total_emissions_lbs::text FROM bulk_sync.user_stats WHERE user_id = '00000000-0000-4000-8000-000000000001'),
+    '10.200000', 'user drift: the user''s total is restored');
+SELECT results_eq(
+    $$SELECT metadata ->> 'user_id', previous_total::text, corrected_total::text, discrepancy::text, performed_by
+        FROM bulk_sync.emissions_corrections
+       WHERE reconciliation_run_id = (tests.r('user drift') ->> 'run_id')::uuid$$,
+    $$VALUES ('00000000-0000-4000-8000-000000000001', '99.000000', '10.200000', '88.800000', 'carol')$$,
+    'user drift: one correction naming the user in metadata, with the run id');
+
+-- a drifted action_count alone is drift too
+UPDATE bulk_sync.user_stats SET action_count = 7 WHERE user_id = '00000000-0000-4000-8000-000000000002';
+INSERT INTO tests.responses VALUES ('count drift', bulk_sync.reconcile());
+SELECT is(tests.r('count drift') -> 'users_out_of_sync', '1'::jsonb, 'a wrong action_count is found');
+SELECT is((SELECT action_count FROM bulk_sync.user_stats WHERE user_id = '00000000-0000-4000-8000-000000000002'), 1,
+    'and fixed');
+SELECT is((SELECT metadata ->> 'user_id' FROM bulk_sync.emissions_corrections
+            WHERE reconciliation_run_id = (tests.r('count drift') ->> 'run_id')::uuid),
+    '00000000-0000-4000-8000-000000000002', 'and audited with the user in metadata');
+
+-- a missing user_stats row is drift too
+DELETE FROM bulk_sync.user_stats WHERE user_id = '00000000-0000-4000-8000-000000000003';
+INSERT INTO tests.responses VALUES ('missing user', bulk_sync.reconcile());
+SELECT is(tests.r('missing user') -> 'users_out_of_sync', '1'::jsonb, 'a missing user_stats row is found');
+SELECT results_eq(
+    $$SELECT total_emissions_lbs::text, action_count FROM bulk_sync.user_stats
+       WHERE user_id = '00000000-0000-4000-8000-000000000003'$$,
+    $$VALUES ('10.400000', 1)$$,
+    'and recreated from the counted actions (the pending one excluded)');
+
+-- global and user drift together: every correction carries the run id
+UPDATE bulk_sync.global_emissions SET total_lbs_saved = '1.000000' WHERE id = 1;
+UPDATE bulk_sync.user_stats SET total_emissions_lbs = '0.000001' WHERE user_id = '00000000-0000-4000-8000-000000000002';
+INSERT INTO tests.responses VALUES ('both', bulk_sync.reconcile());
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections
+            WHERE reconciliation_run_id = (tests.r('both') ->> 'run_id')::uuid), 2::bigint,
+    'global and user drift: two corrections with the run id');
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections WHERE reconciliation_run_id IS NULL), 0::bigint,
+    'no correction without a run id');
+SELECT is(tests.r('both') ->> 'user_stats_sum', '30.900000', 'global and user drift: user_stats_sum is still the truth');
+
+INSERT INTO tests.responses VALUES ('final', bulk_sync.reconcile());
+SELECT is(tests.r('final') -> 'in_sync', 'true'::jsonb, 'everything is in sync at the end');
+
+------------------------------------------------------------------------------------------------------
+-- bad requests
+SELECT tests.mark('before bad requests');
+SELECT throws_ok($$SELECT bulk_sync.reconcile('{"auto_corect": false}')$$, 'BS001', NULL, 'an unknown key is BS001');
+SELECT throws_ok($$SELECT bulk_sync.reconcile('{"auto_correct": "no"}')$$, 'BS001', NULL, 'auto_correct not a boolean is BS001');
+SELECT is(tests.fingerprint(), tests.fp('before bad requests'), 'bad requests change nothing');
+
+SELECT * FROM finish();
+ROLLBACK;
