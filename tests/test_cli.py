@@ -1,0 +1,821 @@
+"""The `bulk-sync` command line (contract §6), driven end to end against real databases.
+
+Most tests run the click group in-process with CliRunner against `db_url` (a fresh,
+migrated database per test, from conftest.py); `listen`, the worker under signals and the
+embedded default run the installed console script in a subprocess. Amounts are compared
+as the contract's six-decimal strings; nothing here produces a float.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+
+from bulk_sync import embedded, paths
+from bulk_sync.backfill import backfill
+from bulk_sync.cli import main
+from bulk_sync.jsonutil import loads
+
+SEED_FILE = paths.seed_actions_file()
+U1 = "00000000-0000-4000-8000-000000000001"
+U2 = "00000000-0000-4000-8000-000000000002"
+U3 = "00000000-0000-4000-8000-000000000003"
+SIX = Decimal("0.000001")
+WORKER_LOCK = (1651862635, 1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cli(url: str | None, *args: str, stdin: bytes | str | None = None, **env: str) -> Result:
+    """Run `bulk-sync [--database-url url] args...` in-process."""
+    argv = (["--database-url", url] if url else []) + list(args)
+    return CliRunner().invoke(main, argv, input=stdin, env=env or None, catch_exceptions=False)
+
+
+def out_json(result: Result) -> Any:
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
+    return loads(result.stdout)
+
+
+def assert_error(result: Result, code: int, *fragments: str) -> str:
+    """Exactly one `bulk-sync: error: ...` line on stderr, no traceback, the given exit code."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bulk-sync: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def global_total(url: str) -> str:
+    return query(url, "SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1")[
+        0
+    ][0]
+
+
+def user_totals(url: str) -> dict[str, str]:
+    rows = query(url, "SELECT user_id::text, total_emissions_lbs::text FROM bulk_sync.user_stats")
+    return dict(rows)
+
+
+def amount(value: Decimal) -> str:
+    return str(value.quantize(SIX))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def action(action_id: str, user_id: str, lbs: str, at: str, verified: bool = True) -> dict:
+    return {
+        "action_id": action_id,
+        "user_id": user_id,
+        "lbs": lbs,
+        "logged_at": at,
+        "verified": verified,
+    }
+
+
+def log_args(action_id: str, user_id: str, lbs: str, verified: bool = True) -> list[str]:
+    args = ["log", "--action-id", action_id, "--user-id", user_id, "--lbs", lbs]
+    args += ["--logged-at", "2025-11-05T12:00:00Z"]
+    return args + (["--verified"] if verified else [])
+
+
+def console_script() -> str:
+    """The installed `bulk-sync` console script (the package must be installed)."""
+    beside = Path(sys.executable).parent / "bulk-sync"
+    found = str(beside) if beside.is_file() else shutil.which("bulk-sync")
+    assert found, "the bulk-sync console script is not installed (pip install -e .)"
+    return found
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PG")}
+    env.update(extra)
+    return env
+
+
+class Lines:
+    """Collects a subprocess stream line by line on a thread, for reads with a deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line)
+
+    def next(self, timeout: float = 15.0) -> str:
+        return self._queue.get(timeout=timeout)
+
+    def until(self, predicate: Callable[[str], bool], timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next(max(0.01, deadline - time.monotonic()))
+            if predicate(line):
+                return line
+
+    def rest(self) -> list[str]:
+        self._thread.join(timeout=10)
+        lines = []
+        while not self._queue.empty():
+            lines.append(self._queue.get_nowait())
+        return lines
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    return proc.returncode
+
+
+@pytest.fixture
+def seeded(db_url: str) -> str:
+    """db_url with the seed's three actions loaded through `backfill`."""
+    out_json(cli(db_url, "backfill", str(SEED_FILE)))
+    return db_url
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def test_migrate_installs_then_is_a_noop(make_db: Callable[..., str]) -> None:
+    url = make_db(template=None)
+    expected_ids = sorted(
+        p.name.removesuffix(".sql")
+        for p in paths.migrations_dir().glob("*.sql")
+        if not p.name.endswith(".rollback.sql")
+    )
+    definitions = len(list(paths.definitions_dir().glob("*.sql")))
+
+    first = out_json(cli(url, "migrate"))
+    assert first == {"applied_migrations": expected_ids, "definitions": definitions}
+    second = out_json(cli(url, "migrate"))
+    assert second == {"applied_migrations": [], "definitions": definitions}
+    assert global_total(url) == "0.000000"
+
+
+def test_commands_on_an_unmigrated_database_say_run_migrate(make_db: Callable[..., str]) -> None:
+    url = make_db(template=None)
+    assert_error(cli(url, "status"), 3, "bulk-sync migrate")
+    assert_error(cli(url, "leaderboard"), 3, "bulk-sync migrate")
+
+
+def test_verbose_adds_the_traceback(make_db: Callable[..., str]) -> None:
+    url = make_db(template=None)
+    result = cli(url, "--verbose", "status")
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("bulk-sync: error: ")
+
+
+def test_connection_failure_is_exit_3() -> None:
+    result = cli("postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=3", "status")
+    assert_error(result, 3, "cannot connect")
+
+
+def test_database_url_comes_from_the_environment(seeded: str) -> None:
+    result = CliRunner().invoke(main, ["status", "--json"], env={"DATABASE_URL": seeded})
+    assert out_json(result)["global_total_lbs"] == "30.900000"
+
+
+# --------------------------------------------------------------------------- log
+
+
+def test_log_prints_the_response_with_string_amounts(db_url: str) -> None:
+    action_id, user = new_id(), new_id()
+    first = out_json(cli(db_url, *log_args(action_id, user, "10.2"), "--metadata", '{"n": 1.50}'))
+    assert first["status"] == "inserted"
+    assert first["is_duplicate"] is False
+    assert first["emissions_lbs"] == "10.200000"
+    assert first["user_total_lbs"] == "10.200000"
+    assert first["global_total_lbs"] == "10.200000"
+    stored = query(db_url, "SELECT metadata::text FROM bulk_sync.user_actions")[0][0]
+    assert stored == '{"n": 1.50}'
+
+    again = out_json(cli(db_url, *log_args(action_id, user, "10.200000")))
+    assert again["status"] == "duplicate"
+    assert again["is_duplicate"] is True
+    assert global_total(db_url) == "10.200000"
+
+    conflict = cli(db_url, *log_args(action_id, user, "10.3"))
+    assert_error(conflict, 2, "lbs")
+    assert global_total(db_url) == "10.200000"
+
+
+def test_log_unverified_does_not_count_until_verified(db_url: str) -> None:
+    action_id, user = new_id(), new_id()
+    assert (
+        out_json(cli(db_url, *log_args(action_id, user, "1.5", verified=False)))["status"]
+        == "inserted"
+    )
+    assert global_total(db_url) == "0.000000"
+    verified = out_json(cli(db_url, *log_args(action_id, user, "1.5")))
+    assert verified["status"] == "verified"
+    assert global_total(db_url) == "1.500000"
+
+
+def test_log_rejects_bad_input_with_one_line(db_url: str) -> None:
+    assert_error(cli(db_url, *log_args("not-a-uuid", new_id(), "1")), 2, "action_id")
+    assert_error(cli(db_url, *log_args(new_id(), new_id(), "1.1234567")), 2, "lbs")
+    bad_json = cli(db_url, *log_args(new_id(), new_id(), "1"), "--metadata", "{oops")
+    assert bad_json.exit_code == 2
+    assert "--metadata" in bad_json.stderr
+    missing = cli(db_url, "log", "--action-id", new_id())
+    assert missing.exit_code == 2
+    assert global_total(db_url) == "0.000000"
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+def test_backfill_of_the_seed_gives_the_seed_totals(db_url: str) -> None:
+    summary = out_json(cli(db_url, "backfill", str(SEED_FILE)))
+    assert summary == {
+        "success": True,
+        "rows": 3,
+        "batches": 1,
+        "inserted_count": 3,
+        "skipped_count": 0,
+        "verified_count": 0,
+        "affected_users": 3,
+        "global_total_lbs": "30.900000",
+    }
+    assert global_total(db_url) == "30.900000"
+    assert user_totals(db_url) == {U1: "10.200000", U2: "10.300000", U3: "10.400000"}
+
+    rerun = out_json(cli(db_url, "backfill", str(SEED_FILE)))
+    assert (rerun["inserted_count"], rerun["skipped_count"]) == (0, 3)
+    assert rerun["global_total_lbs"] == "30.900000"
+    assert global_total(db_url) == "30.900000"
+
+
+def test_backfill_csv_maps_verified_and_metadata(db_url: str, tmp_path: Path) -> None:
+    users = [new_id(), new_id()]
+    rows = [
+        (new_id(), users[0], "1.5", "true", '"{""src"": ""csv"", ""x"": 0.10}"'),
+        (new_id(), users[0], "2.25", "YES", ""),
+        (new_id(), users[1], "0.000001", "1", ""),
+        (new_id(), users[1], "100", "no", ""),
+        (new_id(), users[1], "7", "", ""),
+        (new_id(), users[1], "8", "0", ""),
+    ]
+    path = tmp_path / "actions.csv"
+    with path.open("w") as handle:
+        handle.write("action_id,user_id,lbs,logged_at,verified,metadata\n")
+        for action_id, user, lbs, verified, metadata in rows:
+            handle.write(f"{action_id},{user},{lbs},2025-11-01T00:00:00Z,{verified},{metadata}\n")
+            handle.write("\n")  # blank lines are skipped
+    summary = out_json(cli(db_url, "backfill", str(path)))
+    assert (summary["rows"], summary["inserted_count"]) == (6, 6)
+    assert summary["global_total_lbs"] == "3.750001"
+    assert user_totals(db_url) == {users[0]: "3.750000", users[1]: "0.000001"}
+    metadata = query(
+        db_url,
+        "SELECT metadata::text FROM bulk_sync.user_actions WHERE action_id = %s::uuid",
+        (rows[0][0],),
+    )[0][0]
+    assert metadata == '{"x": 0.10, "src": "csv"}'
+
+    # The same file with `verified` now true for the unverified rows verifies them.
+    path2 = tmp_path / "verify.csv"
+    path2.write_text(
+        "action_id,user_id,lbs,logged_at,verified\n"
+        f"{rows[3][0]},{users[1]},100,2025-11-01T00:00:00Z,t\n"
+    )
+    verified = out_json(cli(db_url, "backfill", str(path2)))
+    assert verified["verified_count"] == 1
+    assert global_total(db_url) == "103.750001"
+
+
+def test_backfill_ndjson_from_stdin(db_url: str) -> None:
+    user = new_id()
+    lines = [
+        json.dumps(action(new_id(), user, lbs, "2025-11-01T00:00:00Z"))
+        for lbs in ("0.1", "0.2", "0.3")
+    ]
+    text = "\n".join([lines[0], "", lines[1], "   ", lines[2]]) + "\n"
+    summary = out_json(cli(db_url, "backfill", "--format", "ndjson", "-", stdin=text))
+    assert summary["rows"] == 3
+    assert summary["global_total_lbs"] == "0.600000"
+    assert user_totals(db_url) == {user: "0.600000"}
+
+
+def test_backfill_json_array_keeps_exact_numbers(db_url: str, tmp_path: Path) -> None:
+    user = new_id()
+    path = tmp_path / "array.json"
+    # lbs as exact JSON numbers: 0.1 + 0.2 must be 0.300000, not a binary-float artefact.
+    path.write_text(
+        "[\n"
+        f'  {{"action_id": "{new_id()}", "user_id": "{user}", "lbs": 0.1,'
+        ' "logged_at": "2025-11-01T00:00:00Z", "verified": true},\n'
+        f'  {{"action_id": "{new_id()}", "user_id": "{user}", "lbs": 0.2,'
+        ' "logged_at": "2025-11-01T00:00:00+01:00", "verified": true,'
+        ' "metadata": {"tags": ["a", 1E+2]}}\n'
+        "]\n"
+    )
+    summary = out_json(cli(db_url, "backfill", str(path)))
+    assert (summary["rows"], summary["global_total_lbs"]) == (2, "0.300000")
+    assert user_totals(db_url) == {user: "0.300000"}
+
+
+def test_backfill_batches_and_replays_with_an_idempotency_key(db_url: str, tmp_path: Path) -> None:
+    user = new_id()
+    path = tmp_path / "five.ndjson"
+    path.write_text(
+        "".join(
+            json.dumps(action(new_id(), user, f"1.00000{i}", "2025-11-01T00:00:00Z")) + "\n"
+            for i in range(1, 6)
+        )
+    )
+    args = ("backfill", str(path), "--batch-size", "2", "--idempotency-key", "load-1")
+    first = out_json(cli(db_url, *args))
+    assert (first["rows"], first["batches"], first["inserted_count"]) == (5, 3, 5)
+    assert first["affected_users"] == 3  # one user, touched by each of the 3 batches
+    assert first["global_total_lbs"] == "5.000015"
+    keys = [
+        row[0]
+        for row in query(
+            db_url, "SELECT idempotency_key FROM bulk_sync.idempotency_keys ORDER BY 1"
+        )
+    ]
+    assert keys == ["load-1:1", "load-1:2", "load-1:3"]
+
+    replay = out_json(cli(db_url, *args))
+    assert replay == first  # each batch replays its first response
+    assert global_total(db_url) == "5.000015"
+
+    over = cli(db_url, "backfill", str(path), "--batch-size", "50001")
+    assert over.exit_code == 2
+
+
+def test_backfill_reports_the_line_the_sql_rejects(db_url: str, tmp_path: Path) -> None:
+    user = new_id()
+    good = [action(new_id(), user, "1", "2025-11-01T00:00:00Z") for _ in range(3)]
+    bad = action(new_id(), user, "1.1234567", "2025-11-01T00:00:00Z")
+    path = tmp_path / "bad.ndjson"
+    # line 1 and 2: batch 1 (committed); line 3 blank; lines 4-5: batch 2 with the bad line 5.
+    path.write_text(
+        "\n".join(
+            [json.dumps(good[0]), json.dumps(good[1]), "", json.dumps(good[2]), json.dumps(bad)]
+        )
+        + "\n"
+    )
+    result = cli(db_url, "backfill", str(path), "--batch-size", "2")
+    line = assert_error(result, 2, "line 5:", "lbs")
+    assert "1 earlier batch" in line
+    assert result.stdout == ""
+    assert global_total(db_url) == "2.000000"  # batch 1 only; batch 2 changed nothing
+
+
+def test_backfill_reports_parse_errors_before_sending_the_batch(
+    db_url: str, tmp_path: Path
+) -> None:
+    good = json.dumps(action(new_id(), new_id(), "1", "2025-11-01T00:00:00Z"))
+    ndjson = tmp_path / "broken.ndjson"
+    ndjson.write_text(f"{good}\n\n{{not json\n")
+    assert_error(cli(db_url, "backfill", str(ndjson)), 2, "line 3:", "invalid JSON")
+
+    csv_file = tmp_path / "short.csv"
+    csv_file.write_text(
+        "action_id,user_id,lbs,logged_at,verified\n"
+        f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,true\n"
+        "a,b,c\n"
+    )
+    assert_error(cli(db_url, "backfill", str(csv_file)), 2, "line 3:", "expected 5 fields")
+
+    typo = tmp_path / "typo.csv"
+    typo.write_text("action_id,user_id,lbs,logged_at,verifed\n")
+    assert_error(cli(db_url, "backfill", str(typo)), 2, "line 1:", "verifed")
+
+    maybe = tmp_path / "maybe.csv"
+    maybe.write_text(
+        "action_id,user_id,lbs,logged_at,verified\n"
+        f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,maybe\n"
+    )
+    assert_error(cli(db_url, "backfill", str(maybe)), 2, "line 2:", "verified")
+
+    array = tmp_path / "array.json"
+    array.write_text(f"[{good}, 42]")
+    assert_error(cli(db_url, "backfill", str(array)), 2, "element 2:", "JSON object")
+
+    no_actions = tmp_path / "object.json"
+    no_actions.write_text('{"rows": []}')
+    assert_error(cli(db_url, "backfill", str(no_actions)), 2, '"actions"')
+
+    missing = cli(db_url, "backfill", str(tmp_path / "nope.csv"))
+    assert missing.exit_code == 2
+    assert global_total(db_url) == "0.000000"
+
+
+def test_backfill_streams_in_flat_memory(db_url: str, tmp_path: Path) -> None:
+    rows, users = 40_000, 400
+    path = tmp_path / "many.ndjson"
+    expected = Decimal(0)
+    with path.open("w") as handle:
+        for i in range(rows):
+            lbs = Decimal(i % 1000) + Decimal(i % 997).scaleb(-6)
+            expected += lbs
+            user = f"00000000-0000-4000-8000-{i % users:012d}"
+            record = action(
+                str(uuid.UUID(int=i + 1, version=4)), user, str(lbs), "2025-11-01T00:00:00Z"
+            )
+            record["metadata"] = {"i": i, "pad": "x" * 100}
+            handle.write(json.dumps(record) + "\n")
+    size = path.stat().st_size
+
+    tracemalloc.start()
+    try:
+        with path.open("rb") as handle:
+            summary = backfill(db_url, handle, name=str(path), batch_size=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (summary["rows"], summary["batches"]) == (rows, 40)
+    assert summary["global_total_lbs"] == amount(expected)
+    assert global_total(db_url) == amount(expected)
+    # One batch of 1,000 rows is in memory at a time, never the file.
+    assert peak < size / 5, (peak, size)
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+def test_reconcile_dry_run_exits_1_on_drift_and_reconcile_fixes_it(seeded: str) -> None:
+    clean = cli(seeded, "reconcile", "--dry-run")
+    assert out_json(clean)["in_sync"] is True
+
+    query(seeded, "UPDATE bulk_sync.global_emissions SET total_lbs_saved = 30.5 WHERE id = 1")
+    assert global_total(seeded) == "30.500000"
+
+    drift = cli(seeded, "reconcile", "--dry-run")
+    assert drift.exit_code == 1, (drift.stdout, drift.stderr)
+    report = loads(drift.stdout)
+    assert report["in_sync"] is False
+    assert report["global_total"] == "30.500000"
+    assert report["user_stats_sum"] == "30.900000"
+    assert report["discrepancy"] == "0.400000"
+    assert report["fixed"] is False
+    assert "out of sync" in drift.stderr
+    assert global_total(seeded) == "30.500000"  # a dry run changes nothing
+    assert query(seeded, "SELECT count(*) FROM bulk_sync.emissions_corrections")[0][0] == 0
+
+    fixed = out_json(cli(seeded, "reconcile", "--performed-by", "cli-test"))
+    assert fixed["fixed"] is True
+    assert fixed["correction_id"] is not None
+    assert global_total(seeded) == "30.900000"
+    corrections = query(
+        seeded,
+        "SELECT previous_total::text, corrected_total::text, discrepancy::text, performed_by"
+        " FROM bulk_sync.emissions_corrections WHERE correction_id = %s::uuid",
+        (fixed["correction_id"],),
+    )
+    assert corrections == [("30.500000", "30.900000", "0.400000", "cli-test")]
+    assert cli(seeded, "reconcile", "--dry-run").exit_code == 0
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+def test_leaderboard_json_and_table(seeded: str) -> None:
+    board = out_json(cli(seeded, "leaderboard", "--json"))
+    assert board == [
+        {
+            "rank": 1,
+            "user_id": U3,
+            "total_lbs": "10.400000",
+            "action_count": 1,
+            "last_action_at": "2025-11-05T10:10:00Z",
+        },
+        {
+            "rank": 2,
+            "user_id": U2,
+            "total_lbs": "10.300000",
+            "action_count": 1,
+            "last_action_at": "2025-11-05T10:05:00Z",
+        },
+        {
+            "rank": 3,
+            "user_id": U1,
+            "total_lbs": "10.200000",
+            "action_count": 1,
+            "last_action_at": "2025-11-05T10:00:00Z",
+        },
+    ]
+    assert [
+        row["user_id"] for row in out_json(cli(seeded, "leaderboard", "--json", "--limit", "2"))
+    ] == [U3, U2]
+    around = out_json(cli(seeded, "leaderboard", "--json", "--user", U1))
+    assert [(row["rank"], row["user_id"]) for row in around] == [(1, U3), (2, U2), (3, U1)]
+
+    table = cli(seeded, "leaderboard")
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["rank", "user_id", "total_lbs", "actions", "last_action_at"]
+    assert [line.split() for line in lines[1:]] == [
+        ["1", U3, "10.400000", "1", "2025-11-05T10:10:00Z"],
+        ["2", U2, "10.300000", "1", "2025-11-05T10:05:00Z"],
+        ["3", U1, "10.200000", "1", "2025-11-05T10:00:00Z"],
+    ]
+    assert len({line.index("10.") for line in lines[1:]}) == 1  # aligned column
+
+    assert cli(seeded, "leaderboard", "--user", "not-a-uuid").exit_code == 2
+
+
+# --------------------------------------------------------------------------- status, schedule
+
+
+def test_status_reports_totals_and_the_last_reconcile(seeded: str) -> None:
+    before = out_json(cli(seeded, "status", "--json"))
+    assert {
+        "global_total_lbs",
+        "users",
+        "counted_actions",
+        "last_reconcile",
+        "events_pending",
+        "last_event_id",
+        "worker_alive",
+    } <= set(before)
+    assert before["global_total_lbs"] == "30.900000"
+    assert (before["users"], before["counted_actions"]) == (3, 3)
+    assert before["last_reconcile"] is None
+    assert before["worker_alive"] is False
+
+    text = cli(seeded, "status")
+    assert text.exit_code == 0
+    assert "30.900000" in text.stdout
+    assert "last reconcile:" in text.stdout
+    assert "never" in text.stdout
+
+    out_json(cli(seeded, "reconcile", "--performed-by", "status-test"))
+    after = out_json(cli(seeded, "status", "--json"))
+    assert after["last_reconcile"]["performed_by"] == "status-test"
+    assert "by status-test: in sync" in cli(seeded, "status").stdout
+
+
+def test_schedule_without_pg_cron_exits_2(db_url: str) -> None:
+    result = cli(db_url, "schedule")
+    assert_error(result, 2, "pg_cron is not installed", "bulk-sync worker")
+    assert cli(db_url, "schedule", "--unschedule").exit_code == 2
+
+
+def test_schedule_with_pg_cron(cron_url: str) -> None:
+    created = not query(cron_url, "SELECT 1 FROM pg_extension WHERE extname = 'pg_cron'")
+    query(cron_url, "CREATE EXTENSION IF NOT EXISTS pg_cron")
+    try:
+        result = cli(cron_url, "schedule", "--cron", "*/5 * * * *")
+        assert result.exit_code == 0, result.stderr
+        assert "bulk-sync-reconcile" in result.stdout
+        jobs = query(
+            cron_url,
+            "SELECT schedule, command FROM cron.job WHERE jobname = 'bulk-sync-reconcile'",
+        )
+        assert jobs == [("*/5 * * * *", "SELECT bulk_sync.reconcile()")]
+        assert cli(cron_url, "schedule", "--unschedule").exit_code == 0
+        assert query(cron_url, "SELECT 1 FROM cron.job WHERE jobname = 'bulk-sync-reconcile'") == []
+    finally:
+        query(
+            cron_url,
+            "SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname = 'bulk-sync-reconcile'",
+        )
+        if created:
+            query(cron_url, "DROP EXTENSION IF EXISTS pg_cron")
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def worker_log(result: Result) -> list[dict[str, Any]]:
+    return [loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+
+
+def test_worker_once_publishes_reconciles_and_prunes(db_url: str) -> None:
+    out_json(cli(db_url, *log_args(new_id(), new_id(), "2.5")))
+    assert out_json(cli(db_url, "status", "--json"))["events_pending"] >= 1
+
+    first = cli(db_url, "worker", "--once")
+    assert first.exit_code == 0, first.stderr
+    events = worker_log(first)
+    kinds = [event["event"] for event in events]
+    assert kinds[:2] == ["started", "active"]
+    assert {"published", "reconciled", "pruned"} <= set(kinds)
+    published = next(event for event in events if event["event"] == "published")
+    assert published["count"] >= 1
+    reconciled = next(event for event in events if event["event"] == "reconciled")
+    assert reconciled["in_sync"] is True
+    status = out_json(cli(db_url, "status", "--json"))
+    assert status["events_pending"] == 0
+    assert status["last_reconcile"]["performed_by"] == "worker"
+
+    # Reconciled a moment ago: with the default hourly schedule it is not due again.
+    second = cli(db_url, "worker", "--once")
+    assert "reconciled" not in [event["event"] for event in worker_log(second)]
+    runs = query(db_url, "SELECT count(*) FROM bulk_sync.reconciliation_runs")[0][0]
+    assert runs == 1
+
+
+def test_worker_waits_as_standby_while_another_holds_the_lock(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", WORKER_LOCK)
+        result = cli(db_url, "worker", "--once")
+    assert result.exit_code == 0
+    kinds = [event["event"] for event in worker_log(result)]
+    assert "standby" in kinds
+    assert "active" not in kinds
+    assert "published" not in kinds
+
+
+def test_worker_rejects_bad_options(db_url: str) -> None:
+    assert cli(db_url, "worker", "--once", "--reconcile-every", "soon").exit_code == 2
+    assert_error(cli(db_url, "worker", "--once", "--event-retention", "bogus"), 2, "interval")
+
+
+def test_worker_runs_until_sigterm(db_url: str) -> None:
+    proc = subprocess.Popen(
+        [console_script(), "--database-url", db_url, "worker", "--reconcile-every", "2h30m"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        log = Lines(proc.stderr)
+        log.until(lambda line: '"active"' in line)
+        assert out_json(cli(db_url, "status", "--json"))["worker_alive"] is True
+        out_json(cli(db_url, *log_args(new_id(), new_id(), "1")))
+        log.until(lambda line: '"published"' in line)
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert any('"stopped"' in line for line in log.rest())
+
+
+# --------------------------------------------------------------------------- listen
+
+
+def test_listen_catches_up_follows_live_and_survives_a_lost_connection(seeded: str) -> None:
+    existing = query(seeded, "SELECT event_id FROM bulk_sync.events_since(0, 1000)")
+    assert len(existing) == 3
+    proc = subprocess.Popen(
+        [console_script(), "--database-url", seeded, "listen", "--after", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        out = Lines(proc.stdout)
+        caught_up = [loads(out.next()) for _ in range(3)]
+        assert [e["event_id"] for e in caught_up] == [row[0] for row in existing]
+        assert {(e["user_id"], e["user_total_lbs"]) for e in caught_up} == {
+            (U1, "10.200000"),
+            (U2, "10.300000"),
+            (U3, "10.400000"),
+        }
+
+        user = new_id()
+        out_json(cli(seeded, *log_args(new_id(), user, "0.5")))
+        live = loads(out.next())
+        assert live["user_id"] == user
+        assert live["user_total_lbs"] == "0.500000"
+        assert live["global_total_lbs"] == "31.400000"
+
+        killed = query(
+            seeded,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'bulk-sync listen' AND datname = current_database()",
+        )[0][0]
+        assert killed == 1
+        out_json(cli(seeded, *log_args(new_id(), user, "0.25")))
+        after_loss = loads(out.next(timeout=30))
+        assert after_loss["event_id"] > live["event_id"]
+        assert after_loss["user_total_lbs"] == "0.750000"
+    finally:
+        code = stop(proc)
+    assert code == 0
+    assert out.rest() == []  # nothing printed twice
+
+    # A new listener resuming from an id prints what came after it, and only that.
+    resumed = subprocess.Popen(
+        [console_script(), "--database-url", seeded, "listen", "--after", str(live["event_id"])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        again = Lines(resumed.stdout)
+        assert loads(again.next()) == after_loss
+    finally:
+        assert stop(resumed, signal.SIGINT) == 0
+    assert again.rest() == []
+
+
+# --------------------------------------------------------------------------- demo, embedded
+
+
+def test_demo_on_a_given_database_is_idempotent(db_url: str) -> None:
+    first = cli(db_url, "demo")
+    assert first.exit_code == 0, first.stderr
+    assert "global total lbs: 30.900000" in first.stdout
+    for user, total in ((U1, "10.200000"), (U2, "10.300000"), (U3, "10.400000")):
+        assert f"{user}  {total}" in first.stdout
+    second = cli(db_url, "demo")
+    assert second.stdout == first.stdout
+    assert global_total(db_url) == "30.900000"
+
+
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A clean BULK_SYNC_HOME the postgres OS user can reach (under /tmp, mode 0755)."""
+    home = Path(tempfile.mkdtemp(prefix="bs-home-", dir="/tmp"))
+    home.chmod(0o755)
+    try:
+        yield home
+    finally:
+        env = subprocess_env(BULK_SYNC_HOME=str(home))
+        subprocess.run(
+            [console_script(), "db", "stop"], env=env, capture_output=True, check=False, timeout=120
+        )
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_embedded_default_from_a_clean_directory(embedded_home: Path) -> None:
+    env = subprocess_env(BULK_SYNC_HOME=str(embedded_home))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [console_script(), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    first = run("demo")
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert f"database: embedded default in {embedded_home}" in lines
+    assert "global total lbs: 30.900000" in lines
+    assert f"  {U1}  10.200000" in lines
+    assert f"  {U2}  10.300000" in lines
+    assert f"  {U3}  10.400000" in lines
+    board = lines[lines.index("leaderboard:") + 2 :]
+    assert [(row.split()[0], row.split()[1]) for row in board] == [("1", U3), ("2", U2), ("3", U1)]
+    assert (embedded_home / "data" / "PG_VERSION").is_file()
+    assert "creating the embedded PostgreSQL database" in first.stderr
+
+    second = run("demo")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert "creating" not in second.stderr  # reused, not re-created
+
+    url = run("db", "url")
+    assert url.returncode == 0
+    assert url.stdout.strip() == (
+        f"postgresql://postgres@/bulk_sync?host={embedded_home}/run&port={embedded.PORT}"
+    )
+    assert global_total(url.stdout.strip()) == "30.900000"
+
+    stopped = run("db", "stop")
+    assert stopped.returncode == 0
+    assert "stopped" in stopped.stdout
+    assert not (embedded_home / "run" / f".s.PGSQL.{embedded.PORT}").exists()
+    assert "not running" in run("db", "stop").stdout
