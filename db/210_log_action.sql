@@ -34,6 +34,11 @@ BEGIN
     v_lbs := bulk_sync._check_lbs(p_lbs, 'log_action');
     PERFORM bulk_sync._check_logged_at(p_logged_at, 'log_action');
 
+    -- A verified submission may move the user's totals: take the user first (see _lock_users).
+    IF p_verified THEN
+        PERFORM bulk_sync._lock_users(ARRAY[p_user_id]);
+    END IF;
+
     INSERT INTO bulk_sync.user_actions AS a
            (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
     VALUES (p_action_id, p_user_id, v_lbs, p_verified, p_logged_at, v_metadata,

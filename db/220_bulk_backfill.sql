@@ -95,13 +95,9 @@ BEGIN
             format('actions[%s]', v_conflict.first_idx));
     END IF;
 
-    -- Lock the stats rows of every user the batch may count for, in user_id order, creating the
-    -- missing ones, in one statement: the trigger runs of the INSERT and of the verify UPDATE below
-    -- then touch only rows already held, so two batches never wait on each other crosswise.
-    -- (ON CONFLICT DO UPDATE locks the existing row even when its WHERE is false.)
-    INSERT INTO bulk_sync.user_stats AS s (user_id)
-    SELECT DISTINCT r.user_id FROM unnest(v_rows) AS r WHERE r.verified ORDER BY 1
-        ON CONFLICT (user_id) DO UPDATE SET last_updated = excluded.last_updated WHERE false;
+    -- Users first (see _lock_users): every user the batch may count for, in user_id order, so the
+    -- trigger runs of the INSERT and of the verify UPDATE below only touch rows already held.
+    PERFORM bulk_sync._lock_users(ARRAY(SELECT r.user_id FROM unnest(v_rows) AS r WHERE r.verified));
 
     -- New actions, in action_id order so concurrent batches lock index entries in one order.
     -- The triggers on user_actions move the totals for the verified ones.

@@ -18,6 +18,8 @@ BEGIN
                   HINT = 'Say why the action is revoked; it is kept in bulk_sync.action_transitions.';
     END IF;
 
+    -- The user first, then the action (see _lock_users); an action's user_id never changes.
+    PERFORM bulk_sync._lock_users(ARRAY(SELECT a.user_id FROM bulk_sync.user_actions AS a WHERE a.action_id = p_action_id));
     SELECT * INTO v_action FROM bulk_sync.user_actions AS a WHERE a.action_id = p_action_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'revoke_action: unknown action_id' USING ERRCODE = 'BS004', DETAIL = format('action_id: %s', p_action_id);
