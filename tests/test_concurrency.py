@@ -1,0 +1,560 @@
+"""Exact totals under real parallel connections (contract §2 invariant, §3.2, §3.3).
+
+Every test here opens one connection per thread against a real database and
+checks, afterwards, that the global total, SUM(user_stats) and SUM(counted
+actions) are exactly equal, and equal to what Python computed with Decimal.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from helpers import (
+    action,
+    amount,
+    assert_exact_totals,
+    bulk_backfill,
+    connect,
+    decimal_sum,
+    is_retryable,
+    log_action,
+    logged_at,
+    new_id,
+    per_user_stats,
+    random_amount,
+    reconcile,
+    sqlstate,
+)
+
+THREADS = 16
+ACTIONS_PER_THREAD = 150
+SHARED_USERS = 8
+OWN_USERS_PER_THREAD = 3
+
+
+def _run_threads(count: int, target: Callable[[int], None]) -> None:
+    """Run target(i) on `count` threads; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_inserts_keep_exact_totals(db_url: str) -> None:
+    """The seed's test: 16 connections log verified actions for shared and own users at once."""
+    shared_users = [new_id() for _ in range(SHARED_USERS)]
+    own_users = [[new_id() for _ in range(OWN_USERS_PER_THREAD)] for _ in range(THREADS)]
+    plans: list[list[dict[str, Any]]] = []
+    for t in range(THREADS):
+        rng = random.Random(1000 + t)
+        plan = []
+        for i in range(ACTIONS_PER_THREAD):
+            user = rng.choice(shared_users) if rng.random() < 0.6 else rng.choice(own_users[t])
+            plan.append(action(new_id(), user, random_amount(rng), logged_at(t * 1000 + i)))
+        plans.append(plan)
+
+    start = threading.Barrier(THREADS)
+    statuses: list[Counter[str]] = [Counter() for _ in range(THREADS)]
+
+    def writer(t: int) -> None:
+        with connect(db_url) as conn:
+            start.wait()
+            for request in plans[t]:
+                response = log_action(conn, request)
+                statuses[t][response["status"]] += 1
+                assert response["emissions_lbs"] == request["lbs"]
+
+    _run_threads(THREADS, writer)
+
+    sent = [request for plan in plans for request in plan]
+    expected_total = decimal_sum(Decimal(r["lbs"]) for r in sent)
+    expected_users: dict[str, Decimal] = defaultdict(Decimal)
+    expected_counts: Counter[str] = Counter()
+    for r in sent:
+        expected_users[r["user_id"]] += Decimal(r["lbs"])
+        expected_counts[r["user_id"]] += 1
+
+    assert sum(statuses, Counter()) == Counter({"inserted": THREADS * ACTIONS_PER_THREAD})
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected_total)
+        stats = per_user_stats(conn)
+        assert stats == {
+            user: (amount(total), expected_counts[user]) for user, total in expected_users.items()
+        }
+        assert conn.execute("SELECT count(*) FROM bulk_sync.user_actions").fetchone()[0] == len(
+            sent
+        )
+        result = reconcile(conn)
+        assert result["in_sync"] is True
+        assert result["user_stats_sum"] == amount(expected_total)
+
+
+# --------------------------------------------------------------------------- mixed load
+
+
+@dataclass
+class Tally:
+    """What one writer thread saw."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    inserted: int = 0  # log_action "inserted" + bulk inserted_count
+    verified: int = 0  # log_action "verified" + verify_action "verified" + bulk verified_count
+    revoked: Counter[str] = field(default_factory=Counter)  # action_id -> "revoked" responses
+    retries: int = 0
+
+
+MIXED_WRITERS = 8
+MIXED_OPS = 400
+POOL_SIZE = 400
+POOL_USERS = 24
+
+
+def test_mixed_writers_with_concurrent_reconcile(db_url: str) -> None:
+    """8 writers log, resubmit, verify, revoke and bulk-load shared actions; reconcile loops.
+
+    Every reconcile must report in_sync (no false discrepancy) and correct nothing; afterwards
+    the totals are exact and every action was inserted once, verified at most once, revoked at
+    most once.
+    """
+    rng = random.Random(42)
+    users = [new_id() for _ in range(POOL_USERS)]
+    # Every thread sends the same facts for an action_id: overlap, never a BS002 conflict.
+    pool = [
+        {
+            "action_id": new_id(),
+            "user_id": rng.choice(users),
+            "lbs": amount(random_amount(rng)),
+            "logged_at": logged_at(i),
+        }
+        for i in range(POOL_SIZE)
+    ]
+    facts = {a["action_id"]: a for a in pool}
+
+    start = threading.Barrier(MIXED_WRITERS + 1)
+    done = threading.Event()
+    tallies = [Tally() for _ in range(MIXED_WRITERS)]
+    reconciles: list[dict[str, Any]] = []
+    reconcile_retries = [0]
+
+    def call_with_retry(tally: Tally, fn: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return fn()
+            except psycopg.Error as exc:
+                if is_retryable(exc):
+                    tally.retries += 1
+                    continue
+                raise
+
+    def writer(t: int) -> None:
+        wrng = random.Random(t)
+        tally = tallies[t]
+        with connect(db_url) as conn:
+            start.wait()
+            for _ in range(MIXED_OPS):
+                op = wrng.choices(
+                    ["log", "resubmit", "verify", "revoke", "bulk"], weights=[4, 2, 2, 1, 1]
+                )[0]
+                chosen = wrng.choice(pool)
+                action_id = chosen["action_id"]
+                try:
+                    if op in ("log", "resubmit"):
+                        request = dict(chosen, verified=wrng.random() < 0.5)
+                        response = call_with_retry(tally, lambda r=request: log_action(conn, r))
+                        tally.statuses[f"log:{response['status']}"] += 1
+                        if response["status"] == "inserted":
+                            tally.inserted += 1
+                        elif response["status"] == "verified":
+                            tally.verified += 1
+                    elif op == "verify":
+                        response = call_with_retry(
+                            tally,
+                            lambda a=action_id: conn.execute(
+                                "SELECT bulk_sync.verify_action(%s, 'tester')", (a,)
+                            ).fetchone()[0],
+                        )
+                        tally.statuses[f"verify:{response['status']}"] += 1
+                        if response["status"] == "verified":
+                            tally.verified += 1
+                    elif op == "revoke":
+                        response = call_with_retry(
+                            tally,
+                            lambda a=action_id: conn.execute(
+                                "SELECT bulk_sync.revoke_action(%s, 'test revocation', 'tester')",
+                                (a,),
+                            ).fetchone()[0],
+                        )
+                        tally.statuses[f"revoke:{response['status']}"] += 1
+                        if response["status"] == "revoked":
+                            tally.revoked[action_id] += 1
+                    else:
+                        members = wrng.sample(pool, wrng.randint(3, 12))
+                        batch = [dict(a, verified=wrng.random() < 0.6) for a in members]
+                        batch += [dict(b) for b in wrng.sample(batch, 2)]  # in-batch duplicates
+                        wrng.shuffle(batch)
+                        response = call_with_retry(tally, lambda b=batch: bulk_backfill(conn, b))
+                        tally.statuses["bulk"] += 1
+                        tally.inserted += response["inserted_count"]
+                        tally.verified += response["verified_count"]
+                except psycopg.Error as exc:
+                    # An action not logged yet (BS004) or already revoked (BS006) is a legitimate
+                    # outcome of the race; anything else is a failure.
+                    if sqlstate(exc) not in ("BS004", "BS006"):
+                        raise
+                    tally.statuses[f"{op}:{sqlstate(exc)}"] += 1
+
+    def reconciler() -> None:
+        with connect(db_url) as conn:
+            start.wait()
+            while not done.is_set() or len(reconciles) < 3:
+                try:
+                    reconciles.append(reconcile(conn, {"performed_by": "concurrency-test"}))
+                except psycopg.Error as exc:
+                    if not is_retryable(exc):
+                        raise
+                    reconcile_retries[0] += 1
+
+    errors: list[BaseException] = []
+
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+                done.set()
+
+        return run
+
+    reconcile_thread = threading.Thread(target=guarded(reconciler))
+    reconcile_thread.start()
+    try:
+        _run_threads(MIXED_WRITERS, writer)
+    finally:
+        done.set()
+        reconcile_thread.join(timeout=120)
+    assert not reconcile_thread.is_alive()
+    if errors:
+        raise errors[0]
+
+    statuses = sum((t.statuses for t in tallies), Counter())
+    assert len(reconciles) >= 3, statuses
+    out_of_sync = [r for r in reconciles if r["in_sync"] is not True]
+    assert out_of_sync == [], f"reconcile saw a false discrepancy: {out_of_sync[:3]}"
+
+    with connect(db_url) as conn:
+        assert (
+            conn.execute("SELECT count(*) FROM bulk_sync.emissions_corrections").fetchone()[0] == 0
+        )
+        rows = conn.execute(
+            "SELECT action_id::text, user_id::text, emissions_saved_lbs::text, logged_at,"
+            " verified, revoked FROM bulk_sync.user_actions"
+        ).fetchall()
+        # Facts stored exactly as sent, once per action_id.
+        for action_id, user_id, lbs, _at, _verified, _revoked in rows:
+            assert (user_id, lbs) == (facts[action_id]["user_id"], facts[action_id]["lbs"])
+        counted = [r for r in rows if r[4] and not r[5]]
+        expected_total = decimal_sum(Decimal(facts[r[0]]["lbs"]) for r in counted)
+        assert_exact_totals(conn, expected_total)
+
+        expected_users: dict[str, Decimal] = defaultdict(Decimal)
+        expected_counts: Counter[str] = Counter()
+        for r in counted:
+            expected_users[r[1]] += Decimal(r[2])
+            expected_counts[r[1]] += 1
+        stats = per_user_stats(conn)
+        for user in set(stats) | set(expected_users):
+            want = (amount(expected_users.get(user, Decimal(0))), expected_counts.get(user, 0))
+            assert stats.get(user, ("0.000000", 0)) == want, user
+
+        # Exactly-once transitions, as the writers were told.
+        assert sum(t.inserted for t in tallies) == len(rows)
+        verified_transitions = conn.execute(
+            "SELECT count(*) FROM bulk_sync.action_transitions WHERE to_status = 'verified'"
+        ).fetchone()[0]
+        assert sum(t.verified for t in tallies) == verified_transitions
+        revoked_responses = sum((t.revoked for t in tallies), Counter())
+        revoked_rows = {r[0] for r in rows if r[5]}
+        assert set(revoked_responses) == revoked_rows
+        assert set(revoked_responses.values()) <= {1}
+        per_action = conn.execute(
+            "SELECT action_id, to_status, count(*) FROM bulk_sync.action_transitions"
+            " GROUP BY 1, 2 HAVING count(*) > 1"
+        ).fetchall()
+        assert per_action == []
+        final = reconcile(conn)
+        assert final["in_sync"] is True
+
+    # The load really mixed every operation (otherwise the test proves less than it claims).
+    for kind in ("log:inserted", "log:duplicate", "verify:verified", "revoke:revoked", "bulk"):
+        assert statuses[kind] > 0, statuses
+    retries = sum(t.retries for t in tallies) + reconcile_retries[0]
+    print(f"statuses={dict(statuses)} reconciles={len(reconciles)} retries={retries}")
+
+
+def test_reconcile_fixes_drift_under_load_without_losing_writes(db_url: str) -> None:
+    """Drift is injected, then reconcile runs in a loop while 6 writers log for the drifted users.
+
+    The fix must be exactly the injected drift (one global correction, one per drifted user),
+    no write may be lost, and no later run may find anything to correct.
+    """
+    rng = random.Random(99)
+    users = [new_id() for _ in range(12)]
+    drifted = sorted(users[:5])
+    global_drift = Decimal("123.456789")
+    user_drift = {u: Decimal(f"{i + 1}.000001") for i, u in enumerate(drifted)}
+    with connect(db_url) as conn:
+        seed = [action(new_id(), u, random_amount(rng), logged_at(0)) for u in users]
+        bulk_backfill(conn, seed)
+        conn.execute(
+            "UPDATE bulk_sync.global_emissions SET total_lbs_saved = total_lbs_saved + %s"
+            " WHERE id = 1",
+            (global_drift,),
+        )
+        for user, drift in user_drift.items():
+            conn.execute(
+                "UPDATE bulk_sync.user_stats SET total_emissions_lbs = total_emissions_lbs + %s"
+                " WHERE user_id = %s",
+                (drift, user),
+            )
+    sent: list[list[dict[str, Any]]] = [[] for _ in range(6)]
+    start = threading.Barrier(7)
+    results: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def writer(t: int) -> None:
+        wrng = random.Random(t)
+        with connect(db_url) as conn:
+            start.wait()
+            for i in range(150):
+                request = action(new_id(), wrng.choice(users), random_amount(wrng), logged_at(i))
+                log_action(conn, request)
+                sent[t].append(request)
+
+    def reconciler() -> None:
+        with connect(db_url) as conn:
+            start.wait()
+            while not done.is_set() or len(results) < 3:
+                results.append(reconcile(conn, {"performed_by": "drift-test"}))
+
+    rec = threading.Thread(target=reconciler)
+    rec.start()
+    try:
+        _run_threads(6, writer)
+    finally:
+        done.set()
+        rec.join(timeout=120)
+    assert not rec.is_alive()
+
+    fixing = [r for r in results if not r["in_sync"]]
+    assert len(fixing) == 1, f"{len(fixing)} runs found drift"
+    assert results[0] is fixing[0], "the first run must find (and fix) the injected drift"
+    assert fixing[0]["fixed"] is True
+    assert fixing[0]["discrepancy"] == amount(global_drift)
+    assert fixing[0]["users_out_of_sync"] == len(drifted)
+
+    expected = decimal_sum(Decimal(a["lbs"]) for a in seed)
+    expected += decimal_sum(Decimal(r["lbs"]) for batch in sent for r in batch)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+        corrections = conn.execute(
+            "SELECT metadata->>'scope', metadata->>'user_id', discrepancy::text,"
+            " reconciliation_run_id::text FROM bulk_sync.emissions_corrections ORDER BY 1, 2"
+        ).fetchall()
+        run_id = fixing[0]["run_id"]
+        assert corrections == [
+            ("global", None, amount(global_drift), run_id),
+            *(("user", u, amount(user_drift[u]), run_id) for u in drifted),
+        ]
+        assert reconcile(conn)["in_sync"] is True
+
+
+# --------------------------------------------------------------------------- idempotency keys
+
+
+def test_concurrent_identical_backfills_apply_once(db_url: str) -> None:
+    """8 connections send the same batch with the same idempotency key at the same moment."""
+    rng = random.Random(7)
+    users = [new_id() for _ in range(20)]
+    batch = [
+        action(new_id(), rng.choice(users), random_amount(rng), logged_at(i), rng.random() < 0.8)
+        for i in range(300)
+    ]
+    request = Jsonb({"actions": batch, "idempotency_key": "concurrent-key-1"})
+    callers = 8
+    start = threading.Barrier(callers)
+    responses: list[dict[str, Any]] = [{} for _ in range(callers)]
+
+    def caller(i: int) -> None:
+        with connect(db_url) as conn:
+            start.wait()
+            responses[i] = conn.execute(
+                "SELECT bulk_sync.bulk_backfill(%s)", (request,)
+            ).fetchone()[0]
+
+    _run_threads(callers, caller)
+
+    applied = [r for r in responses if r["replayed"] is False]
+    replayed = [r for r in responses if r["replayed"] is True]
+    assert len(applied) == 1
+    assert len(replayed) == callers - 1
+    first = applied[0]
+    assert first["inserted_count"] == len(batch)
+    for r in replayed:
+        assert {k: v for k, v in r.items() if k != "replayed"} == {
+            k: v for k, v in first.items() if k != "replayed"
+        }
+
+    expected = decimal_sum(Decimal(a["lbs"]) for a in batch if a["verified"])
+    assert first["global_total_lbs"] == amount(expected)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+        assert conn.execute("SELECT count(*) FROM bulk_sync.user_actions").fetchone()[0] == len(
+            batch
+        )
+
+
+# --------------------------------------------------------------------------- lock order
+
+
+def test_overlapping_bulk_backfills_do_not_deadlock(db_url: str) -> None:
+    """Two bulk calls that each add to some users and verify others' pending actions, crosswise.
+
+    docs/DESIGN.md promises one lock order everywhere (action rows, then user_stats rows by
+    user_id, then a slot), which makes deadlocks impossible. Each call here touches the two
+    groups of users in different statements (the INSERT of new actions, then the UPDATE that
+    verifies known ones), so the order has to hold across both statements for this to pass.
+    """
+    rounds, pairs = 30, 20
+    plans: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
+    with connect(db_url) as conn:
+        for r in range(rounds):
+            lows, highs = [], []
+            pending_lows, pending_highs = [], []
+            for _ in range(pairs):
+                low, high = sorted([new_id(), new_id()])
+                lows.append(low)
+                highs.append(high)
+                pending_lows.append(action(new_id(), low, "1.000000", logged_at(r), False))
+                pending_highs.append(action(new_id(), high, "1.000000", logged_at(r), False))
+            bulk_backfill(conn, pending_lows + pending_highs)
+            plans.append(
+                (
+                    [action(new_id(), h, "2.000000", logged_at(r)) for h in highs]
+                    + [dict(p, verified=True) for p in pending_lows],
+                    [action(new_id(), lo, "2.000000", logged_at(r)) for lo in lows]
+                    + [dict(p, verified=True) for p in pending_highs],
+                )
+            )
+    step = threading.Barrier(2)
+    deadlocks: list[str] = []
+
+    def side(index: int) -> None:
+        try:
+            with connect(db_url) as conn:
+                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
+                for plan in plans:
+                    step.wait(timeout=60)
+                    while True:  # a deadlock victim retries until its batch is in
+                        try:
+                            bulk_backfill(conn, plan[index])
+                            break
+                        except psycopg.Error as exc:
+                            if not is_retryable(exc):
+                                raise
+                            deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
+        except BaseException:
+            step.abort()  # do not leave the other side waiting at the barrier
+            raise
+
+    _run_threads(2, side)
+    expected = Decimal(rounds * pairs * (2 + 2 + 1 + 1))
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+    assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
+
+
+SINGLE_WRITERS: dict[str, Callable[[psycopg.Connection, dict[str, Any]], Any]] = {
+    "log_action": lambda conn, pending: log_action(conn, dict(pending, verified=True)),
+    "verify_action": lambda conn, pending: conn.execute(
+        "SELECT bulk_sync.verify_action(%s)", (pending["action_id"],)
+    ),
+}
+
+
+@pytest.mark.parametrize("single", sorted(SINGLE_WRITERS))
+def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str) -> None:
+    """A bulk call and a single-action call verify the same pending action at the same moment.
+
+    Both must take their locks in the one documented order (docs/DESIGN.md: action rows, then
+    user_stats rows, then a slot); a bulk call that locks the users first and the action rows
+    second deadlocks against log_action / verify_action, which lock the action row first.
+    """
+    rounds, padding = 120, 30
+    plans: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    with connect(db_url) as conn:
+        for r in range(rounds):
+            pending = action(new_id(), new_id(), "1.000000", logged_at(r), verified=False)
+            # Other pending actions in the same bulk call widen the window between its locks.
+            others = [
+                action(new_id(), new_id(), "1.000000", logged_at(r), verified=False)
+                for _ in range(padding)
+            ]
+            bulk_backfill(conn, [pending, *others])
+            plans.append((pending, others))
+    step = threading.Barrier(2)
+    deadlocks: list[str] = []
+    write_one = SINGLE_WRITERS[single]
+
+    def attempt(fn: Callable[[], Any]) -> None:
+        while True:  # a deadlock victim retries until its write is in
+            try:
+                fn()
+                return
+            except psycopg.Error as exc:
+                if not is_retryable(exc):
+                    raise
+                deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
+
+    def side(index: int) -> None:
+        try:
+            with connect(db_url) as conn:
+                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
+                for pending, others in plans:
+                    step.wait(timeout=60)
+                    if index == 0:
+                        batch = [dict(o, verified=True) for o in others]
+                        batch.append(dict(pending, verified=True))
+                        attempt(lambda b=batch: bulk_backfill(conn, b))
+                    else:
+                        attempt(lambda p=pending: write_one(conn, p))
+        except BaseException:
+            step.abort()
+            raise
+
+    _run_threads(2, side)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, Decimal(rounds * (padding + 1)))
+    assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
