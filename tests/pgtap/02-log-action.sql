@@ -3,38 +3,7 @@
 BEGIN;
 SELECT plan(72);
 
-CREATE SCHEMA tests;
-
--- A digest of every bulk_sync table, one line per table, so "nothing changed" names the table that did.
-CREATE FUNCTION tests.fingerprint() RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_table  regclass;
-    v_md5    text;
-    v_lines  text[] := '{}';
-BEGIN
-    FOR v_table IN
-        SELECT c.oid::regclass FROM pg_catalog.pg_class AS c
-          JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'bulk_sync' AND c.relkind IN ('r', 'p')
-         ORDER BY c.relname
-    LOOP
-        EXECUTE format('SELECT md5(coalesce(string_agg(t::text, E''\n'' ORDER BY t::text), '''')) FROM %s AS t', v_table)
-           INTO v_md5;
-        v_lines := v_lines || (v_table::text || ' ' || v_md5);
-    END LOOP;
-    RETURN array_to_string(v_lines, E'\n');
-END
-$$;
-
--- The ledger's invariant: global = SUM(user_stats) = SUM(counted actions), as three strings.
-CREATE FUNCTION tests.totals() RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT ARRAY[(SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1),
-                 (SELECT coalesce(sum(total_emissions_lbs), 0)::numeric(30,6)::text FROM bulk_sync.user_stats),
-                 (SELECT coalesce(sum(emissions_saved_lbs), 0)::numeric(30,6)::text
-                    FROM bulk_sync.user_actions WHERE verified AND NOT revoked)]
-$$;
+\ir fixtures/common.sql
 
 CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
 CREATE FUNCTION tests.r(p_name text) RETURNS jsonb

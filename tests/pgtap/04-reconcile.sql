@@ -4,29 +4,7 @@
 BEGIN;
 SELECT plan(67);
 
-CREATE SCHEMA tests;
-
--- A digest of every bulk_sync table, one line per table, so "nothing changed" names the table that did.
-CREATE FUNCTION tests.fingerprint() RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_table  regclass;
-    v_md5    text;
-    v_lines  text[] := '{}';
-BEGIN
-    FOR v_table IN
-        SELECT c.oid::regclass FROM pg_catalog.pg_class AS c
-          JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'bulk_sync' AND c.relkind IN ('r', 'p')
-         ORDER BY c.relname
-    LOOP
-        EXECUTE format('SELECT md5(coalesce(string_agg(t::text, E''\n'' ORDER BY t::text), '''')) FROM %s AS t', v_table)
-           INTO v_md5;
-        v_lines := v_lines || (v_table::text || ' ' || v_md5);
-    END LOOP;
-    RETURN array_to_string(v_lines, E'\n');
-END
-$$;
+\ir fixtures/common.sql
 
 CREATE FUNCTION tests.global() RETURNS text
 LANGUAGE sql STABLE AS $$ SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1 $$;

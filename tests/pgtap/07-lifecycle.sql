@@ -3,17 +3,9 @@
 BEGIN;
 SELECT plan(63);
 
-CREATE SCHEMA tests;
+\ir fixtures/common.sql
 
 -- global = SUM(user_stats) = SUM(counted actions), as three strings.
-CREATE FUNCTION tests.totals() RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT ARRAY[(SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1),
-                 (SELECT coalesce(sum(total_emissions_lbs), 0)::numeric(30,6)::text FROM bulk_sync.user_stats),
-                 (SELECT coalesce(sum(emissions_saved_lbs), 0)::numeric(30,6)::text
-                    FROM bulk_sync.user_actions WHERE verified AND NOT revoked)]
-$$;
-
 -- u1's stats as (total, action_count, last_action_at).
 CREATE FUNCTION tests.u1() RETURNS TABLE (total text, n integer, last_at timestamptz)
 LANGUAGE sql STABLE AS $$
