@@ -1,6 +1,6 @@
 -- publish_events: numbers outbox events in commit order and wakes listeners once per batch.
 -- Only one publisher at a time (advisory lock held to commit), so event ids never go backwards.
-CREATE OR REPLACE FUNCTION bulk_sync.publish_events(p_max integer DEFAULT 10000)
+CREATE OR REPLACE FUNCTION bulk_sync.publish_events(p_max integer DEFAULT 10000, p_wait boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -14,7 +14,9 @@ BEGIN
     IF p_max IS NULL OR p_max < 1 THEN
         RAISE EXCEPTION 'publish_events: p_max must be positive' USING ERRCODE = 'BS001', DETAIL = format('p_max: %s', p_max);
     END IF;
-    IF NOT pg_try_advisory_xact_lock(1651862635, 2) THEN
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(1651862635, 2);
+    ELSIF NOT pg_try_advisory_xact_lock(1651862635, 2) THEN
         RETURN 0;  -- another session is publishing; its events appear when it commits
     END IF;
 
@@ -48,5 +50,5 @@ BEGIN
     RETURN v_count;
 END
 $$;
-COMMENT ON FUNCTION bulk_sync.publish_events(integer) IS
-    'Numbers up to p_max pending events in commit order and sends one bulk_sync_leaderboard notification; returns how many it published (0 when another publisher holds the lock). Run by bulk-sync worker and by events_since.';
+COMMENT ON FUNCTION bulk_sync.publish_events(integer, boolean) IS
+    'Numbers up to p_max pending events in commit order and sends one bulk_sync_leaderboard notification; returns how many it published. When another session is publishing it returns 0 at once, or with p_wait waits for it. Run by bulk-sync worker and by events_since.';

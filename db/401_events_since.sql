@@ -1,10 +1,11 @@
 -- events_since: durable change events after a given id, oldest first.
--- Publishes pending events first (when it can), so readers need no worker to make progress.
+-- Publishes pending events first, so readers need no worker, and an empty answer means caught up.
 CREATE OR REPLACE FUNCTION bulk_sync.events_since(p_after bigint, p_limit integer DEFAULT 1000)
 RETURNS TABLE (event_id bigint, payload jsonb)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
+SET lock_timeout = '2s'
 AS $$
 BEGIN
     IF p_after IS NULL OR p_after < 0 THEN
@@ -12,8 +13,14 @@ BEGIN
     ELSIF p_limit IS NULL OR p_limit < 1 OR p_limit > 10000 THEN
         RAISE EXCEPTION 'events_since: p_limit must be between 1 and 10000' USING ERRCODE = 'BS001', DETAIL = format('p_limit: %s', p_limit);
     END IF;
+    -- Every event committed before this call is returned (up to p_limit): if another session is
+    -- publishing, wait for it (briefly) rather than answer before its events are numbered.
     IF NOT current_setting('transaction_read_only')::boolean THEN
-        PERFORM bulk_sync.publish_events();
+        BEGIN
+            PERFORM bulk_sync.publish_events(10000, true);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- a publisher held on for over 2 s; its events come with a later call
+        END;
     END IF;
     RETURN QUERY
     SELECT e.event_id, e.payload
@@ -24,4 +31,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.events_since(bigint, integer) IS
-    'Change events with event_id > p_after in commit order (at most p_limit). Resume from the last id seen: nothing is missed or repeated.';
+    'Change events with event_id > p_after in commit order (at most p_limit), including every event committed before the call. Resume from the last id seen: nothing is missed or repeated.';

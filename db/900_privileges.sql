@@ -32,6 +32,6 @@ TO bulk_sync_reader;
 -- Admins are members of both roles (0004.roles) and run the operational functions.
 GRANT EXECUTE ON FUNCTION
     bulk_sync.reconcile(jsonb),
-    bulk_sync.publish_events(integer),
+    bulk_sync.publish_events(integer, boolean),
     bulk_sync.prune_events(interval)
 TO bulk_sync_admin;
