@@ -13,11 +13,11 @@ BEGIN
         RAISE EXCEPTION 'leaderboard: p_offset must not be negative' USING ERRCODE = 'BS001', DETAIL = format('p_offset: %s', p_offset);
     END IF;
     RETURN QUERY
-    SELECT row_number() OVER (ORDER BY (-s.total_emissions_lbs), s.last_action_at, s.user_id),
+    SELECT row_number() OVER (ORDER BY s.leaderboard_key, s.last_action_at, s.user_id),
            s.user_id, s.total_emissions_lbs, s.action_count, s.last_action_at
       FROM bulk_sync.user_stats AS s
      WHERE s.action_count > 0
-     ORDER BY (-s.total_emissions_lbs), s.last_action_at, s.user_id
+     ORDER BY s.leaderboard_key, s.last_action_at, s.user_id
      LIMIT p_limit OFFSET p_offset;
 END
 $$;

@@ -9,8 +9,8 @@ AS $$
     SELECT 1 + (SELECT count(*)
                   FROM bulk_sync.user_stats AS o
                  WHERE o.action_count > 0
-                   AND ((-o.total_emissions_lbs), o.last_action_at, o.user_id)
-                       < ((-s.total_emissions_lbs), s.last_action_at, s.user_id)),
+                   AND (o.leaderboard_key, o.last_action_at, o.user_id)
+                       < (s.leaderboard_key, s.last_action_at, s.user_id)),
            s.user_id, s.total_emissions_lbs, s.action_count, s.last_action_at
       FROM bulk_sync.user_stats AS s
      WHERE s.user_id = p_user_id AND s.action_count > 0

@@ -18,22 +18,22 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT * FROM (
-        SELECT v_me.rank - row_number() OVER (ORDER BY (-a.total_emissions_lbs) DESC, a.last_action_at DESC, a.user_id DESC),
+        SELECT v_me.rank - row_number() OVER (ORDER BY a.leaderboard_key DESC, a.last_action_at DESC, a.user_id DESC),
                a.user_id, a.total_emissions_lbs, a.action_count, a.last_action_at
           FROM (SELECT s.* FROM bulk_sync.user_stats AS s
                  WHERE s.action_count > 0
-                   AND ((-s.total_emissions_lbs), s.last_action_at, s.user_id) < ((-v_me.total_lbs), v_me.last_action_at, v_me.user_id)
-                 ORDER BY (-s.total_emissions_lbs) DESC, s.last_action_at DESC, s.user_id DESC
+                   AND (s.leaderboard_key, s.last_action_at, s.user_id) < (-v_me.total_lbs, v_me.last_action_at, v_me.user_id)
+                 ORDER BY s.leaderboard_key DESC, s.last_action_at DESC, s.user_id DESC
                  LIMIT p_radius) AS a
         UNION ALL
         SELECT v_me.rank, v_me.user_id, v_me.total_lbs, v_me.action_count, v_me.last_action_at
         UNION ALL
-        SELECT v_me.rank + row_number() OVER (ORDER BY (-b.total_emissions_lbs), b.last_action_at, b.user_id),
+        SELECT v_me.rank + row_number() OVER (ORDER BY b.leaderboard_key, b.last_action_at, b.user_id),
                b.user_id, b.total_emissions_lbs, b.action_count, b.last_action_at
           FROM (SELECT s.* FROM bulk_sync.user_stats AS s
                  WHERE s.action_count > 0
-                   AND ((-s.total_emissions_lbs), s.last_action_at, s.user_id) > ((-v_me.total_lbs), v_me.last_action_at, v_me.user_id)
-                 ORDER BY (-s.total_emissions_lbs), s.last_action_at, s.user_id
+                   AND (s.leaderboard_key, s.last_action_at, s.user_id) > (-v_me.total_lbs, v_me.last_action_at, v_me.user_id)
+                 ORDER BY s.leaderboard_key, s.last_action_at, s.user_id
                  LIMIT p_radius) AS b
     ) AS around
     ORDER BY 1;

@@ -24,16 +24,20 @@ CREATE TABLE bulk_sync.user_stats (
     total_emissions_lbs  numeric(30,6) NOT NULL DEFAULT 0 CHECK (total_emissions_lbs >= 0),
     action_count         integer       NOT NULL DEFAULT 0 CHECK (action_count >= 0),
     last_action_at       timestamptz,
-    last_updated         timestamptz   NOT NULL DEFAULT now()
+    last_updated         timestamptz   NOT NULL DEFAULT now(),
+    leaderboard_key      numeric(30,6) GENERATED ALWAYS AS (-total_emissions_lbs) STORED
 );
 COMMENT ON TABLE bulk_sync.user_stats IS
     'Per-user totals of counted actions; last_action_at is the latest logged_at among them (leaderboard tie-break).';
 COMMENT ON COLUMN bulk_sync.user_stats.action_count IS 'Number of counted actions.';
 
--- Leaderboard order as one ascending key, so both ORDER BY and "how many rank ahead of me"
--- (a row comparison) are served by this index.
+COMMENT ON COLUMN bulk_sync.user_stats.leaderboard_key IS
+    'The negated total, so that leaderboard order is ascending in every column of the index below.';
+
+-- Leaderboard order (total DESC, last_action_at, user_id) as one ascending key, so both ORDER BY
+-- and "how many rank ahead of me" (a row comparison, which needs plain columns) use this index.
 CREATE INDEX user_stats_leaderboard
-    ON bulk_sync.user_stats ((-total_emissions_lbs), last_action_at, user_id)
+    ON bulk_sync.user_stats (leaderboard_key, last_action_at, user_id)
     WHERE action_count > 0;
 
 -- The global total, spread over slots so that concurrent writers do not queue on one row.
