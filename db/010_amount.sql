@@ -3,7 +3,7 @@
 CREATE OR REPLACE FUNCTION bulk_sync._amount(p_value numeric)
 RETURNS text
 LANGUAGE sql
-IMMUTABLE STRICT PARALLEL SAFE
+IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT (p_value::numeric(30,6))::text
 $$;

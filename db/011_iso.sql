@@ -3,7 +3,7 @@
 CREATE OR REPLACE FUNCTION bulk_sync._iso(p_value timestamptz)
 RETURNS text
 LANGUAGE sql
-STABLE STRICT PARALLEL SAFE
+STABLE PARALLEL SAFE
 AS $$
     SELECT CASE
                WHEN date_trunc('second', p_value) = p_value

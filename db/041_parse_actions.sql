@@ -1,6 +1,7 @@
 -- _parse_actions: validates a JSON array of actions and returns them typed, with their 0-based index.
--- Set-based on the happy path (one pass, no per-row PL/pgSQL); on any problem it re-reads the
--- array in order with _parse_action, which raises BS001 for the first invalid action.
+-- Set-based on the happy path (one pass, no per-row PL/pgSQL, casts instead of regular expressions
+-- where they accept exactly the same text); on any problem it re-reads the array in order with
+-- _parse_action, which raises BS001 for the first invalid action.
 CREATE OR REPLACE FUNCTION bulk_sync._parse_actions(p_actions jsonb)
 RETURNS TABLE (idx integer, action_id uuid, user_id uuid, lbs numeric, logged_at timestamptz,
                verified boolean, metadata jsonb)
@@ -21,9 +22,9 @@ BEGIN
                          jsonb_typeof(e.doc) = 'object'
                          AND (e.doc - c_keys) = '{}'::jsonb
                          AND jsonb_typeof(e.doc -> 'action_id') = 'string'
-                         AND bulk_sync._is_uuid_text(e.doc ->> 'action_id')
+                         AND bulk_sync._is_canonical_uuid(e.doc ->> 'action_id')
                          AND jsonb_typeof(e.doc -> 'user_id') = 'string'
-                         AND bulk_sync._is_uuid_text(e.doc ->> 'user_id')
+                         AND bulk_sync._is_canonical_uuid(e.doc ->> 'user_id')
                          AND jsonb_typeof(e.doc -> 'lbs') IN ('string', 'number')
                          AND bulk_sync._is_decimal_text(e.doc ->> 'lbs')
                          AND (e.doc ->> 'lbs')::numeric < 1e24

@@ -10,6 +10,9 @@ CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(
     p_kinds       text[])
 RETURNS void
 LANGUAGE plpgsql
+-- Its statements take array parameters, for which PL/pgSQL keeps choosing custom plans and so
+-- re-plans the big statement below on every call; the generic plan is as good and saves ~0.4 ms.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_delta     numeric;
