@@ -117,48 +117,53 @@ BEGIN
       INTO v_inserted, v_counted_users
       FROM inserted AS i;
 
-    -- Known actions must carry the same facts (checked after the insert: a concurrent batch that
-    -- inserted the same action_id has committed by now, or we inserted it ourselves).
-    SELECT r.idx, r.action_id, r.user_id, r.lbs, r.logged_at,
-           a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
-      INTO v_conflict
-      FROM unnest(v_rows) AS r
-      JOIN bulk_sync.user_actions AS a ON a.action_id = r.action_id
-     WHERE (r.user_id, r.lbs, r.logged_at) IS DISTINCT FROM (a.user_id, a.emissions_saved_lbs, a.logged_at)
-     ORDER BY r.idx
-     LIMIT 1;
-    IF FOUND THEN
-        PERFORM bulk_sync._check_same_facts(
-            v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
-            v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
-            format('actions[%s] (action_id %s)', v_conflict.idx, v_conflict.action_id));
-    END IF;
+    -- Every distinct action_id was new (the usual backfill): nothing is known, nothing to check or
+    -- verify. Otherwise the known ones must carry the same facts, and may be verified.
+    v_verified := 0;
+    IF v_inserted < (SELECT count(DISTINCT r.action_id) FROM unnest(v_rows) AS r) THEN
+        -- Known actions must carry the same facts (checked after the insert: a concurrent batch that
+        -- inserted the same action_id has committed by now, or we inserted it ourselves).
+        SELECT r.idx, r.action_id, r.user_id, r.lbs, r.logged_at,
+               a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
+          INTO v_conflict
+          FROM unnest(v_rows) AS r
+          JOIN bulk_sync.user_actions AS a ON a.action_id = r.action_id
+         WHERE (r.user_id, r.lbs, r.logged_at) IS DISTINCT FROM (a.user_id, a.emissions_saved_lbs, a.logged_at)
+         ORDER BY r.idx
+         LIMIT 1;
+        IF FOUND THEN
+            PERFORM bulk_sync._check_same_facts(
+                v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
+                v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
+                format('actions[%s] (action_id %s)', v_conflict.idx, v_conflict.action_id));
+        END IF;
 
-    -- A verified resubmission verifies a stored unverified action (never a revoked one).
-    WITH wanted AS (
-        SELECT DISTINCT r.action_id FROM unnest(v_rows) AS r WHERE r.verified
-    ), locked AS (
-        SELECT a.action_id
-          FROM bulk_sync.user_actions AS a
-          JOIN wanted AS w ON w.action_id = a.action_id
-         WHERE NOT a.verified AND NOT a.revoked
-         ORDER BY a.action_id
-           FOR UPDATE OF a
-    ), verified AS (
-        UPDATE bulk_sync.user_actions AS a
-           SET verified = true, verified_at = now()
-          FROM locked AS l
-         WHERE a.action_id = l.action_id
-        RETURNING a.action_id, a.user_id
-    ), audit AS (
-        INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
-        SELECT v.action_id, v.user_id, 'pending', 'verified', session_user, 'bulk_backfill'
-          FROM verified AS v
-         ORDER BY v.action_id
-    )
-    SELECT count(*), v_counted_users || coalesce(array_agg(v.user_id), '{}')
-      INTO v_verified, v_counted_users
-      FROM verified AS v;
+        -- A verified resubmission verifies a stored unverified action (never a revoked one).
+        WITH wanted AS (
+            SELECT DISTINCT r.action_id FROM unnest(v_rows) AS r WHERE r.verified
+        ), locked AS (
+            SELECT a.action_id
+              FROM bulk_sync.user_actions AS a
+              JOIN wanted AS w ON w.action_id = a.action_id
+             WHERE NOT a.verified AND NOT a.revoked
+             ORDER BY a.action_id
+               FOR UPDATE OF a
+        ), verified AS (
+            UPDATE bulk_sync.user_actions AS a
+               SET verified = true, verified_at = now()
+              FROM locked AS l
+             WHERE a.action_id = l.action_id
+            RETURNING a.action_id, a.user_id
+        ), audit AS (
+            INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
+            SELECT v.action_id, v.user_id, 'pending', 'verified', session_user, 'bulk_backfill'
+              FROM verified AS v
+             ORDER BY v.action_id
+        )
+        SELECT count(*), v_counted_users || coalesce(array_agg(v.user_id), '{}')
+          INTO v_verified, v_counted_users
+          FROM verified AS v;
+    END IF;
 
     SELECT count(DISTINCT u) INTO v_affected FROM unnest(v_counted_users) AS u;
 
