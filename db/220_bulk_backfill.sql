@@ -123,11 +123,16 @@ BEGIN
     IF v_inserted < (SELECT count(DISTINCT r.action_id) FROM unnest(v_rows) AS r) THEN
         -- Known actions must carry the same facts (checked after the insert: a concurrent batch that
         -- inserted the same action_id has committed by now, or we inserted it ourselves).
+        -- One primary-key lookup per action (LATERAL ... LIMIT 1): a join lets the planner pick a
+        -- hash join over all of user_actions, whose cost grows with the ledger, not the batch.
         SELECT r.idx, r.action_id, r.user_id, r.lbs, r.logged_at,
                a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
           INTO v_conflict
           FROM unnest(v_rows) AS r
-          JOIN bulk_sync.user_actions AS a ON a.action_id = r.action_id
+         CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
+                               FROM bulk_sync.user_actions AS x
+                              WHERE x.action_id = r.action_id
+                              LIMIT 1) AS a
          WHERE (r.user_id, r.lbs, r.logged_at) IS DISTINCT FROM (a.user_id, a.emissions_saved_lbs, a.logged_at)
          ORDER BY r.idx
          LIMIT 1;
