@@ -1,0 +1,60 @@
+"""Smoke run of the benchmark: ``tests/bench/run.py --quick`` runs end to end and stays exact.
+
+pytest.ini keeps tests/bench out of the default collection, so this test lives here and only
+runs the script. It asserts what the run must always produce — a result line for every target
+of issue 5 and exact totals after every workload — and never a speed: the benchmark reports
+ratios, it does not assert them (docs/PERFORMANCE.md has the figures of a full run).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().parent / "bench" / "run.py"
+
+# One result-table line per target (the workload column of run.py's table).
+EXPECTED_ROWS = {
+    "T1": (
+        "log_action, 1 clients",
+        "log_action, 8 clients",
+        "log_action, 32 clients",
+        "naive design, 32 clients",
+    ),
+    "T2": ("backfill 20,000-row CSV", "backfill peak RSS"),
+    "T3": ("bulk_backfill 10,000 actions",),
+    "T4": ("reconcile over 50,000 actions",),
+    "T5": ("leaderboard top 10", "user_rank, middle rank"),
+}
+
+
+def test_quick_benchmark_runs_every_target_exactly() -> None:
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = done.stdout
+    context = (
+        f"exit {done.returncode}\n--- stdout (tail)\n{output[-6000:]}"
+        f"\n--- stderr\n{done.stderr[-3000:]}"
+    )
+    assert done.returncode == 0, context
+
+    table = [line for line in output.splitlines() if line.startswith("| T")]
+    for target, workloads in EXPECTED_ROWS.items():
+        for workload in workloads:
+            assert any(
+                re.match(rf"\| {target} +\| {re.escape(workload)}", line) for line in table
+            ), f"no result line for {target} {workload!r}\n{context}"
+
+    checks = re.findall(r"^  exact \[(.+?)\]: (yes|NO)", output, re.M)
+    assert len(checks) >= 10, context
+    assert all(result == "yes" for _, result in checks), context
+    assert re.search(r"^exact: yes \(\d+ checks\)$", output, re.M), context
+    # The plans of T5 are part of the report.
+    assert "user_stats_leaderboard" in output, context
