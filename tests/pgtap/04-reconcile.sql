@@ -2,7 +2,7 @@
 -- per-user drift, audits each fix in emissions_corrections with its run, and changes nothing when
 -- auto_correct is false.
 BEGIN;
-SELECT plan(67);
+SELECT plan(73);
 
 \ir fixtures/common.sql
 
@@ -184,6 +184,43 @@ SELECT is(tests.r('both') ->> 'user_stats_sum', '30.900000', 'global and user dr
 
 INSERT INTO tests.responses VALUES ('final', bulk_sync.reconcile());
 SELECT is(tests.r('final') -> 'in_sync', 'true'::jsonb, 'everything is in sync at the end');
+
+------------------------------------------------------------------------------------------------------
+-- reconcile compares users range by range: users at and around every range bound are all checked,
+-- with the ranges cut evenly (no statistics) and with them taken from user_stats' histogram
+CREATE TABLE tests.edge_users AS
+SELECT u.user_id::uuid
+  FROM unnest(ARRAY['00000000-0000-0000-0000-000000000000', '1fffffff-ffff-ffff-ffff-ffffffffffff',
+                    '20000000-0000-0000-0000-000000000000', '40000000-0000-0000-0000-000000000000',
+                    '7fffffff-ffff-ffff-ffff-ffffffffffff', '80000000-0000-0000-0000-000000000000',
+                    'a0000000-0000-0000-0000-000000000000', 'c0000000-0000-0000-0000-000000000001',
+                    'e0000000-0000-0000-0000-000000000000', 'ffffffff-ffff-ffff-ffff-ffffffffffff']) AS u(user_id);
+INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
+SELECT gen_random_uuid(), e.user_id, '1.000001', true, now(), now() - interval '1 hour' FROM tests.edge_users AS e;
+DELETE FROM pg_catalog.pg_statistic WHERE starelid = 'bulk_sync.user_stats'::regclass;
+
+UPDATE bulk_sync.user_stats SET total_emissions_lbs = total_emissions_lbs + 1
+ WHERE user_id IN (SELECT user_id FROM tests.edge_users);
+INSERT INTO tests.responses VALUES ('edges, even ranges', bulk_sync.reconcile());
+SELECT is(tests.r('edges, even ranges') -> 'users_out_of_sync', '10'::jsonb,
+    'ranges cut evenly: every drifted user at a range bound is found');
+SELECT is((SELECT count(*) FROM bulk_sync.user_stats
+            WHERE user_id IN (SELECT user_id FROM tests.edge_users) AND total_emissions_lbs = '1.000001'),
+    10::bigint, 'and fixed');
+
+ANALYZE bulk_sync.user_stats;
+SELECT isnt((SELECT histogram_bounds::text FROM pg_catalog.pg_stats
+              WHERE schemaname = 'bulk_sync' AND tablename = 'user_stats' AND attname = 'user_id'), NULL,
+    'user_stats now has a histogram of user_id');
+UPDATE bulk_sync.user_stats SET action_count = action_count + 1
+ WHERE user_id IN (SELECT user_id FROM tests.edge_users);
+INSERT INTO tests.responses VALUES ('edges, histogram ranges', bulk_sync.reconcile());
+SELECT is(tests.r('edges, histogram ranges') -> 'users_out_of_sync', '10'::jsonb,
+    'ranges from the histogram: every drifted user at a range bound is found');
+SELECT is(tests.r('edges, histogram ranges') ->> 'user_stats_sum', '40.900010',
+    'and the sum of counted actions covers every range once');
+INSERT INTO tests.responses VALUES ('edges, after', bulk_sync.reconcile());
+SELECT is(tests.r('edges, after') -> 'in_sync', 'true'::jsonb, 'and a second run finds everything in sync');
 
 ------------------------------------------------------------------------------------------------------
 -- bad requests
