@@ -1,5 +1,5 @@
--- _apply_deltas: applies per-user changes of the counted set to user_stats, one global slot and the
--- event outbox, in the caller's transaction. The only code that moves totals (called by the triggers).
+-- _apply_deltas: applies per-user changes of the counted set to user_stats, one global slot and the event
+-- outbox, in the caller's transaction. With its one-row twin _apply_gain, the only code that moves totals.
 CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(
     p_user_ids    uuid[],
     p_lbs         numeric[],

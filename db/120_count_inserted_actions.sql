@@ -11,7 +11,21 @@ DECLARE
     v_counts      integer[];
     v_latest      timestamptz[];
     v_action_ids  uuid[];
+    v_one         record;
 BEGIN
+    -- One counted action (a log_action call): the single-row path, no per-user arrays.
+    SELECT n.user_id, n.emissions_saved_lbs, n.logged_at, n.action_id, count(*) OVER () AS counted
+      INTO v_one
+      FROM new_actions AS n
+     WHERE n.verified AND NOT n.revoked
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    ELSIF v_one.counted = 1 THEN
+        PERFORM bulk_sync._apply_gain(v_one.user_id, v_one.emissions_saved_lbs, v_one.logged_at, v_one.action_id, 'logged');
+        RETURN NULL;
+    END IF;
+
     SELECT array_agg(g.user_id ORDER BY g.user_id),
            array_agg(g.lbs ORDER BY g.user_id),
            array_agg(g.n ORDER BY g.user_id),

@@ -1,7 +1,7 @@
 -- log_action, both forms: statuses inserted / duplicate / verified, numerically equal resubmissions,
 -- BS002 for changed facts (nothing changes), revocation is final, timestamps in UTC with Z.
 BEGIN;
-SELECT plan(72);
+SELECT plan(80);
 
 \ir fixtures/common.sql
 
@@ -240,6 +240,50 @@ SELECT is((SELECT logged_at FROM bulk_sync.user_actions WHERE action_id = '00000
 RESET TimeZone;
 
 SELECT is(tests.totals(), ARRAY['20.000000', '20.000000', '20.000000'], 'invariant holds at the end');
+
+------------------------------------------------------------------------------------------------------
+-- One counted action takes the one-row path (_apply_gain), several take the per-user arrays
+-- (_apply_deltas): the same totals and events either way, and neither loses an amount when the
+-- writer's global slot is missing.
+INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
+VALUES ('00000000-0000-4000-8000-0000000000f1', '00000000-0000-4000-8000-0000000000e1', '0.000001', true, now(), now() - interval '1 hour'),
+       ('00000000-0000-4000-8000-0000000000f2', '00000000-0000-4000-8000-0000000000e1', '5.000000', false, NULL, now() - interval '1 hour');
+SELECT is(tests.totals(), ARRAY['20.000001', '20.000001', '20.000001'], 'one counted action among pending ones: totals move once');
+SELECT results_eq(
+    $$SELECT payload ->> 'kind', payload ->> 'user_id', payload ->> 'action_id', payload ->> 'user_total_lbs',
+             payload ->> 'action_count', payload ->> 'global_total_lbs'
+        FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 1$$,
+    $$VALUES ('logged', '00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-0000000000f1', '0.000001', '1', '20.000001')$$,
+    'the one-row path writes the event the batch path would');
+
+INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
+VALUES ('00000000-0000-4000-8000-0000000000f3', '00000000-0000-4000-8000-0000000000e1', '1.000000', true, now(), now() - interval '1 hour'),
+       ('00000000-0000-4000-8000-0000000000f4', '00000000-0000-4000-8000-0000000000e2', '2.000000', true, now(), now() - interval '1 hour');
+SELECT is(tests.totals(), ARRAY['23.000001', '23.000001', '23.000001'], 'two counted actions in one statement: totals move by both');
+SELECT results_eq(
+    $$SELECT payload ->> 'kind', payload ->> 'user_id', payload ->> 'action_id', payload ->> 'user_total_lbs',
+             payload ->> 'action_count', payload ->> 'global_total_lbs'
+        FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 2$$,
+    $$VALUES ('logged', '00000000-0000-4000-8000-0000000000e2', '00000000-0000-4000-8000-0000000000f4', '2.000000', '1', '23.000001'),
+             ('logged', '00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-0000000000f3', '1.000001', '2', '23.000001')$$,
+    'the batch path writes one event per user, in the same shape');
+
+CREATE TABLE tests.lost_slot AS SELECT * FROM bulk_sync._global_slots WHERE slot = pg_backend_pid() % 64;
+DELETE FROM bulk_sync._global_slots WHERE slot = pg_backend_pid() % 64;
+CREATE TABLE tests.before_lost_slot AS SELECT tests.fingerprint() AS fp;
+SELECT throws_ok(
+    $$SELECT bulk_sync.log_action(gen_random_uuid(), '00000000-0000-4000-8000-0000000000e1', 1.5, now() - interval '1 minute', true)$$,
+    'P0002', NULL, 'one counted action with the writer''s slot missing is P0002');
+SELECT throws_ok(
+    $$SELECT bulk_sync.bulk_backfill(jsonb_build_object('actions', jsonb_build_array(
+          jsonb_build_object('action_id', gen_random_uuid(), 'user_id', '00000000-0000-4000-8000-0000000000e1',
+                             'lbs', '1.5', 'logged_at', '2024-01-01T00:00:00Z', 'verified', true),
+          jsonb_build_object('action_id', gen_random_uuid(), 'user_id', '00000000-0000-4000-8000-0000000000e2',
+                             'lbs', '2.5', 'logged_at', '2024-01-01T00:00:00Z', 'verified', true))))$$,
+    'P0002', NULL, 'a batch with the writer''s slot missing is P0002');
+SELECT is(tests.fingerprint(), (SELECT fp FROM tests.before_lost_slot), 'and neither changed anything');
+INSERT INTO bulk_sync._global_slots SELECT * FROM tests.lost_slot;
+SELECT is(tests.totals(), ARRAY['23.000001', '23.000001', '23.000001'], 'with the slot back, the totals are whole');
 
 SELECT * FROM finish();
 ROLLBACK;
