@@ -21,7 +21,8 @@ its baseline in the same run. Nothing here changes the project: variants live in
         action (LATERAL ... LIMIT 1).
     E4  reconcile's one-snapshot scan with a hash full join, with a merge join, and as one
         aggregate over actions UNION ALL user_stats, against the bare SELECT sum with and without
-        parallel workers; and bulk_sync.reconcile() itself.
+        parallel workers; the shipped check (eight user_id ranges under a Parallel Append); and
+        bulk_sync.reconcile() itself.
 
 Exactness is checked after each experiment that writes to the ledger, as in run.py.
 """
@@ -559,6 +560,11 @@ def e4(cluster: bench.Cluster, sizes: bench.Sizes, report: bench.Report) -> None
         ("one aggregate over actions UNION ALL user_stats, parallel allowed", one_pass, []),
         ("reconcile's scan, hash full join, parallel allowed", scan, ["SET enable_hashjoin = on"]),
         ("reconcile's scan, merge join, parallel allowed", scan, ["SET enable_hashjoin = off"]),
+        (
+            "the shipped check: eight user_id ranges, Parallel Append",
+            "SELECT * FROM bulk_sync._compare_all_users()",
+            [],
+        ),
         ("bulk_sync.reconcile() itself", "SELECT bulk_sync.reconcile('{}')", []),
     ]
     times: dict[str, float] = {}
