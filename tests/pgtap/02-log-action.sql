@@ -5,15 +5,6 @@ SELECT plan(80);
 
 \ir fixtures/common.sql
 
-CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
-CREATE FUNCTION tests.r(p_name text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$ SELECT response FROM tests.responses WHERE name = p_name $$;
-CREATE TABLE tests.marks (name text PRIMARY KEY, fp text NOT NULL);
-CREATE FUNCTION tests.mark(p_name text) RETURNS void
-LANGUAGE sql AS $$ INSERT INTO tests.marks VALUES (p_name, tests.fingerprint()) $$;
-CREATE FUNCTION tests.fp(p_name text) RETURNS text
-LANGUAGE sql STABLE AS $$ SELECT fp FROM tests.marks WHERE name = p_name $$;
-
 -- Users and actions.
 -- u1 00000000-0000-4000-8000-000000000001, u2 ...0002, u9 ...0009 (never used by a stored action)
 -- a1 verified 10.2 by u1; a2 unverified 5.5 by u2; a3 verified 2 by u1, revoked; a4 pending, revoked.
@@ -270,7 +261,7 @@ SELECT results_eq(
 
 CREATE TABLE tests.lost_slot AS SELECT * FROM bulk_sync._global_slots WHERE slot = pg_backend_pid() % 64;
 DELETE FROM bulk_sync._global_slots WHERE slot = pg_backend_pid() % 64;
-CREATE TABLE tests.before_lost_slot AS SELECT tests.fingerprint() AS fp;
+SELECT tests.mark('before the slot was lost');
 SELECT throws_ok(
     $$SELECT bulk_sync.log_action(gen_random_uuid(), '00000000-0000-4000-8000-0000000000e1', 1.5, now() - interval '1 minute', true)$$,
     'P0002', NULL, 'one counted action with the writer''s slot missing is P0002');
@@ -281,7 +272,7 @@ SELECT throws_ok(
           jsonb_build_object('action_id', gen_random_uuid(), 'user_id', '00000000-0000-4000-8000-0000000000e2',
                              'lbs', '2.5', 'logged_at', '2024-01-01T00:00:00Z', 'verified', true))))$$,
     'P0002', NULL, 'a batch with the writer''s slot missing is P0002');
-SELECT is(tests.fingerprint(), (SELECT fp FROM tests.before_lost_slot), 'and neither changed anything');
+SELECT is(tests.fingerprint(), tests.fp('before the slot was lost'), 'and neither changed anything');
 INSERT INTO bulk_sync._global_slots SELECT * FROM tests.lost_slot;
 SELECT is(tests.totals(), ARRAY['23.000001', '23.000001', '23.000001'], 'with the slot back, the totals are whole');
 

@@ -15,15 +15,6 @@ LANGUAGE sql STABLE AS $$
     SELECT count(*) FROM bulk_sync.user_actions WHERE action_id = p_action::uuid
 $$;
 
-CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
-CREATE FUNCTION tests.r(p_name text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$ SELECT response FROM tests.responses WHERE name = p_name $$;
-CREATE TABLE tests.marks (name text PRIMARY KEY, fp text NOT NULL);
-CREATE FUNCTION tests.mark(p_name text) RETURNS void
-LANGUAGE sql AS $$ INSERT INTO tests.marks VALUES (p_name, tests.fingerprint()) $$;
-CREATE FUNCTION tests.fp(p_name text) RETURNS text
-LANGUAGE sql STABLE AS $$ SELECT fp FROM tests.marks WHERE name = p_name $$;
-
 -- Already stored: a0 (u1, 1, verified) and p1 (u2, 2, pending).
 INSERT INTO tests.responses VALUES ('a0', bulk_sync.log_action(
     '{"action_id": "00000000-0000-4000-8000-0000000000a0", "user_id": "00000000-0000-4000-8000-000000000001",

@@ -9,15 +9,6 @@ SELECT plan(73);
 CREATE FUNCTION tests.global() RETURNS text
 LANGUAGE sql STABLE AS $$ SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1 $$;
 
-CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
-CREATE FUNCTION tests.r(p_name text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$ SELECT response FROM tests.responses WHERE name = p_name $$;
-CREATE TABLE tests.marks (name text PRIMARY KEY, fp text NOT NULL);
-CREATE FUNCTION tests.mark(p_name text) RETURNS void
-LANGUAGE sql AS $$ INSERT INTO tests.marks VALUES (p_name, tests.fingerprint()) $$;
-CREATE FUNCTION tests.fp(p_name text) RETURNS text
-LANGUAGE sql STABLE AS $$ SELECT fp FROM tests.marks WHERE name = p_name $$;
-
 -- The keys the contract lists for reconcile's response (3.3).
 CREATE FUNCTION tests.missing_keys(p_doc jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$

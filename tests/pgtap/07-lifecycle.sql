@@ -16,9 +16,6 @@ $$;
 CREATE FUNCTION tests.transitions(p_action text) RETURNS bigint
 LANGUAGE sql STABLE AS $$ SELECT count(*) FROM bulk_sync.action_transitions WHERE action_id = p_action::uuid $$;
 
-CREATE TABLE tests.responses (name text PRIMARY KEY, response jsonb NOT NULL);
-CREATE FUNCTION tests.r(p_name text) RETURNS jsonb
-LANGUAGE sql STABLE AS $$ SELECT response FROM tests.responses WHERE name = p_name $$;
 CREATE FUNCTION tests.keys(p_name text) RETURNS text[]
 LANGUAGE sql STABLE AS $$ SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(tests.r(p_name)) AS k $$;
 
