@@ -19,6 +19,7 @@ DECLARE
     v_stored    bulk_sync.user_actions;
     v_status    text := 'inserted';
     v_message   text;
+    v_reason    text;
 BEGIN
     IF p_action_id IS NULL OR p_user_id IS NULL OR p_verified IS NULL THEN
         RAISE EXCEPTION 'log_action: % is required',
@@ -31,8 +32,16 @@ BEGIN
         RAISE EXCEPTION 'log_action: metadata must be a JSON object'
             USING ERRCODE = 'BS001', DETAIL = format('metadata: %s', v_metadata);
     END IF;
-    v_lbs := bulk_sync._check_lbs(p_lbs, 'log_action');
-    PERFORM bulk_sync._check_logged_at(p_logged_at, 'log_action');
+    -- The amount and time rules every entry point shares, on the typed arguments.
+    v_reason := bulk_sync._lbs_problem(p_lbs);
+    IF v_reason IS NOT NULL THEN
+        PERFORM bulk_sync._raise_problem('log_action', 'lbs', v_reason, p_lbs::text);
+    END IF;
+    v_reason := bulk_sync._logged_at_problem(p_logged_at);
+    IF v_reason IS NOT NULL THEN
+        PERFORM bulk_sync._raise_problem('log_action', 'logged_at', v_reason, p_logged_at::text);
+    END IF;
+    v_lbs := p_lbs;
 
     -- A verified submission may move the user's totals: take the user first (see _lock_users).
     IF p_verified THEN

@@ -1,6 +1,6 @@
 -- bulk_backfill: loads a batch of actions in one transaction, all or nothing.
--- Validates every action first (set-based), applies them with one INSERT ... ON CONFLICT and one
--- verify UPDATE, so the cost follows the batch size, never the size of user_actions.
+-- Stages the actions, checks them all (_stage_load), then applies them (_stage_apply): the same core as
+-- bulk-sync backfill of a file, so the cost follows the batch size, never the size of user_actions.
 CREATE OR REPLACE FUNCTION bulk_sync.bulk_backfill(request jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -11,16 +11,12 @@ DECLARE
     c_max_actions   CONSTANT integer := 50000;
     v_actions       jsonb;
     v_key           text;
-    v_sha           bytea;
-    v_stored_sha    bytea;
     v_response      jsonb;
     v_total         integer;
-    v_rows          bulk_sync._batch_action[];
-    v_conflict      record;
+    v_problem       jsonb;
+    v_applied       jsonb;
     v_inserted      integer;
     v_verified      integer;
-    v_affected      integer;
-    v_counted_users uuid[];
 BEGIN
     IF request IS NULL OR jsonb_typeof(request) <> 'object' THEN
         RAISE EXCEPTION 'bulk_backfill: the request must be a JSON object'
@@ -54,123 +50,30 @@ BEGIN
                   HINT = 'Split the batch, or stream a file with: bulk-sync backfill FILE.';
     END IF;
 
-    -- Idempotency: the first call with a key stores its response; a repeat with the same actions
-    -- replays it. A concurrent repeat waits on the key's unique index until the first commits.
+    -- Idempotency: the first call with a key stores its response; a repeat with the same actions replays it.
     IF v_key IS NOT NULL THEN
-        v_sha := sha256(convert_to(v_actions::text, 'UTF8'));
-        INSERT INTO bulk_sync.idempotency_keys (idempotency_key, request_sha256)
-        VALUES (v_key, v_sha)
-            ON CONFLICT (idempotency_key) DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT k.request_sha256, k.response INTO v_stored_sha, v_response
-              FROM bulk_sync.idempotency_keys AS k WHERE k.idempotency_key = v_key;
-            IF v_stored_sha <> v_sha THEN
-                RAISE EXCEPTION 'bulk_backfill: idempotency_key % was already used with different actions', v_key
-                    USING ERRCODE = 'BS003', DETAIL = format('idempotency_key: %s', v_key),
-                          HINT = 'Use a new key for a new batch.';
-            END IF;
+        v_response := bulk_sync._claim_idempotency_key(v_key, sha256(convert_to(v_actions::text, 'UTF8')), 'bulk_backfill');
+        IF v_response IS NOT NULL THEN
             RETURN v_response || jsonb_build_object('replayed', true);
         END IF;
     END IF;
 
-    SELECT array_agg(ROW(p.idx, p.action_id, p.user_id, p.lbs, p.logged_at, p.verified, p.metadata)::bulk_sync._batch_action)
-      INTO v_rows
-      FROM bulk_sync._parse_actions(v_actions) AS p;
-
-    -- The same action_id twice in one batch: identical facts count once, different facts are BS002.
-    SELECT b.idx, b.action_id, b.user_id, b.lbs, b.logged_at, f.idx AS first_idx,
-           f.user_id AS first_user_id, f.lbs AS first_lbs, f.logged_at AS first_logged_at
-      INTO v_conflict
-      FROM unnest(v_rows) AS b
-      JOIN (SELECT DISTINCT ON (r.action_id) r.* FROM unnest(v_rows) AS r ORDER BY r.action_id, r.idx) AS f
-        ON f.action_id = b.action_id
-     WHERE (b.user_id, b.lbs, b.logged_at) IS DISTINCT FROM (f.user_id, f.lbs, f.logged_at)
-     ORDER BY b.idx
-     LIMIT 1;
-    IF FOUND THEN
-        PERFORM bulk_sync._check_same_facts(
-            v_conflict.first_user_id, v_conflict.first_lbs, v_conflict.first_logged_at,
-            v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
-            format('actions[%s] (action_id %s)', v_conflict.idx, v_conflict.action_id),
-            format('actions[%s]', v_conflict.first_idx));
+    -- The one bulk core (see _stage_load): stage the actions, check them all, apply them as one chunk.
+    PERFORM bulk_sync._stage_open();
+    INSERT INTO pg_temp.bulk_sync_stage (line, doc)
+    SELECT e.idx - 1, e.doc FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx);
+    v_problem := bulk_sync._stage_load(NULL, 1) -> 'problems' -> 0;
+    IF v_problem IS NOT NULL THEN
+        PERFORM bulk_sync._raise_problem(
+            concat_ws(' ', format('actions[%s]', v_problem ->> 'line'), '(action_id ' || (v_problem ->> 'action_id') || ')'),
+            v_problem ->> 'field',
+            (v_problem ->> 'reason') || CASE WHEN v_problem ? 'first_line' AND v_problem -> 'first_line' <> 'null'
+                                             THEN format(', actions[%s]', v_problem ->> 'first_line') ELSE '' END,
+            v_problem ->> 'value', v_problem ->> 'code');
     END IF;
-
-    -- Users first (see _lock_users): every user the batch may count for, in user_id order, so the
-    -- trigger runs of the INSERT and of the verify UPDATE below only touch rows already held.
-    PERFORM bulk_sync._lock_users(ARRAY(SELECT r.user_id FROM unnest(v_rows) AS r WHERE r.verified));
-
-    -- New actions, in action_id order so concurrent batches lock index entries in one order.
-    -- The triggers on user_actions move the totals for the verified ones.
-    WITH inserted AS (
-        INSERT INTO bulk_sync.user_actions AS a
-               (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
-        SELECT d.action_id, d.user_id, d.lbs, d.verified, d.logged_at, d.metadata,
-               CASE WHEN d.verified THEN now() END
-          FROM (SELECT DISTINCT ON (r.action_id) r.*
-                  FROM unnest(v_rows) AS r
-                 ORDER BY r.action_id, r.verified DESC, r.idx) AS d
-         ORDER BY d.action_id
-            ON CONFLICT (action_id) DO NOTHING
-        RETURNING a.user_id, a.verified
-    )
-    SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
-      INTO v_inserted, v_counted_users
-      FROM inserted AS i;
-
-    -- Every distinct action_id was new (the usual backfill): nothing is known, nothing to check or
-    -- verify. Otherwise the known ones must carry the same facts, and may be verified.
-    v_verified := 0;
-    IF v_inserted < (SELECT count(DISTINCT r.action_id) FROM unnest(v_rows) AS r) THEN
-        -- Known actions must carry the same facts (checked after the insert: a concurrent batch that
-        -- inserted the same action_id has committed by now, or we inserted it ourselves).
-        -- One primary-key lookup per action (LATERAL ... LIMIT 1): a join lets the planner pick a
-        -- hash join over all of user_actions, whose cost grows with the ledger, not the batch.
-        SELECT r.idx, r.action_id, r.user_id, r.lbs, r.logged_at,
-               a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
-          INTO v_conflict
-          FROM unnest(v_rows) AS r
-         CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
-                               FROM bulk_sync.user_actions AS x
-                              WHERE x.action_id = r.action_id
-                              LIMIT 1) AS a
-         WHERE (r.user_id, r.lbs, r.logged_at) IS DISTINCT FROM (a.user_id, a.emissions_saved_lbs, a.logged_at)
-         ORDER BY r.idx
-         LIMIT 1;
-        IF FOUND THEN
-            PERFORM bulk_sync._check_same_facts(
-                v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
-                v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
-                format('actions[%s] (action_id %s)', v_conflict.idx, v_conflict.action_id));
-        END IF;
-
-        -- A verified resubmission verifies a stored unverified action (never a revoked one).
-        WITH wanted AS (
-            SELECT DISTINCT r.action_id FROM unnest(v_rows) AS r WHERE r.verified
-        ), locked AS (
-            SELECT a.action_id
-              FROM bulk_sync.user_actions AS a
-              JOIN wanted AS w ON w.action_id = a.action_id
-             WHERE NOT a.verified AND NOT a.revoked
-             ORDER BY a.action_id
-               FOR UPDATE OF a
-        ), verified AS (
-            UPDATE bulk_sync.user_actions AS a
-               SET verified = true, verified_at = now()
-              FROM locked AS l
-             WHERE a.action_id = l.action_id
-            RETURNING a.action_id, a.user_id
-        ), audit AS (
-            INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
-            SELECT v.action_id, v.user_id, 'pending', 'verified', session_user, 'bulk_backfill'
-              FROM verified AS v
-             ORDER BY v.action_id
-        )
-        SELECT count(*), v_counted_users || coalesce(array_agg(v.user_id), '{}')
-          INTO v_verified, v_counted_users
-          FROM verified AS v;
-    END IF;
-
-    SELECT count(DISTINCT u) INTO v_affected FROM unnest(v_counted_users) AS u;
+    v_applied := bulk_sync._stage_apply(NULL, NULL, 'actions[%s]', 'bulk_backfill');
+    v_inserted := (v_applied ->> 'inserted_count')::integer;
+    v_verified := (v_applied ->> 'verified_count')::integer;
 
     v_response := jsonb_build_object(
         'success',          true,
@@ -178,7 +81,7 @@ BEGIN
         'skipped_count',    v_total - v_inserted - v_verified,
         'verified_count',   v_verified,
         'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
-        'affected_users',   v_affected,
+        'affected_users',   (v_applied -> 'affected_users')::integer,
         'message',          format('Bulk backfill completed: %s inserted, %s skipped', v_inserted, v_total - v_inserted - v_verified)
                             || CASE WHEN v_verified > 0 THEN format(', %s verified', v_verified) ELSE '' END,
         'idempotency_key',  v_key,

@@ -13,7 +13,11 @@ GRANT EXECUTE ON FUNCTION
     bulk_sync.log_action(uuid, uuid, numeric, timestamptz, boolean, jsonb),
     bulk_sync.bulk_backfill(jsonb),
     bulk_sync.verify_action(uuid, text),
-    bulk_sync.revoke_action(uuid, text, text)
+    bulk_sync.revoke_action(uuid, text, text),
+    -- the runner's file load: stage (COPY), check, apply in chunks; the same core as bulk_backfill
+    bulk_sync._stage_open(),
+    bulk_sync._stage_load(integer, integer),
+    bulk_sync._stage_apply(uuid, uuid, text, text, text)
 TO bulk_sync_writer;
 
 -- Readers see everything and call the read functions.

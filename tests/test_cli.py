@@ -354,19 +354,22 @@ def test_backfill_json_array_keeps_exact_numbers(db_url: str, tmp_path: Path) ->
     assert user_totals(db_url) == {user: "0.300000"}
 
 
-def test_backfill_batches_and_replays_with_an_idempotency_key(db_url: str, tmp_path: Path) -> None:
-    user = new_id()
+def test_backfill_chunks_by_user_and_replays_with_an_idempotency_key(
+    db_url: str, tmp_path: Path
+) -> None:
+    users = sorted(new_id() for _ in range(5))
     path = tmp_path / "five.ndjson"
     path.write_text(
         "".join(
             json.dumps(action(new_id(), user, f"1.00000{i}", "2025-11-01T00:00:00Z")) + "\n"
-            for i in range(1, 6)
+            for i, user in enumerate(reversed(users), start=1)
         )
     )
     args = ("backfill", str(path), "--batch-size", "2", "--idempotency-key", "load-1")
     first = out_json(cli(db_url, *args))
+    # Chunks of whole users, about 2 rows each, in user_id order: 2 + 2 + 1.
     assert (first["rows"], first["batches"], first["inserted_count"]) == (5, 3, 5)
-    assert first["affected_users"] == 3  # one user, touched by each of the 3 batches
+    assert first["affected_users"] == 5
     assert first["global_total_lbs"] == "5.000015"
     keys = [
         row[0]
@@ -377,35 +380,83 @@ def test_backfill_batches_and_replays_with_an_idempotency_key(db_url: str, tmp_p
     assert keys == ["load-1:1", "load-1:2", "load-1:3"]
 
     replay = out_json(cli(db_url, *args))
-    assert replay == first  # each batch replays its first response
+    assert replay == first  # each chunk replays its first response
+    assert global_total(db_url) == "5.000015"
+
+    # The same key for other rows is BS003, and changes nothing.
+    other = tmp_path / "other.ndjson"
+    other.write_text(json.dumps(action(new_id(), users[0], "9", "2025-11-01T00:00:00Z")) + "\n")
+    reused = cli(db_url, "backfill", str(other), "--idempotency-key", "load-1")
+    assert_error(reused, 2, "chunk 1 of 1", "load-1:1", "no chunk committed")
     assert global_total(db_url) == "5.000015"
 
     over = cli(db_url, "backfill", str(path), "--batch-size", "50001")
     assert over.exit_code == 2
 
+    # One user's rows are never split across chunks, however small --batch-size is.
+    one_user = tmp_path / "one-user.ndjson"
+    user = new_id()
+    one_user.write_text(
+        "".join(
+            json.dumps(action(new_id(), user, "1", "2025-11-01T00:00:00Z")) + "\n" for _ in range(5)
+        )
+    )
+    single = out_json(cli(db_url, "backfill", str(one_user), "--batch-size", "2"))
+    assert (single["batches"], single["affected_users"]) == (1, 1)
 
-def test_backfill_reports_the_line_the_sql_rejects(db_url: str, tmp_path: Path) -> None:
+
+def assert_bad_rows(result: Result, *expected: tuple[str, str]) -> list[str]:
+    """Exit 2; one `bulk-sync: <where> ...` line per bad row, with (where, field) in order, then
+    one `bulk-sync: error: ... nothing was applied` line; no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("bulk-sync: error: "), lines
+    assert "nothing was applied" in lines[-1], lines[-1]
+    rows = lines[:-1]
+    assert len(rows) == len(expected), rows
+    for line, (where, fragment) in zip(rows, expected, strict=True):
+        assert line.startswith(f"bulk-sync: {where} ") or line.startswith(f"bulk-sync: {where}:")
+        assert fragment in line, (fragment, line)
+    return rows
+
+
+def test_backfill_reports_every_bad_row_and_applies_nothing(db_url: str, tmp_path: Path) -> None:
     user = new_id()
     good = [action(new_id(), user, "1", "2025-11-01T00:00:00Z") for _ in range(3)]
     bad = action(new_id(), user, "1.1234567", "2025-11-01T00:00:00Z")
+    worse = action("a1-uuid", user, "-2", "2025-11-01T00:00:00")
     path = tmp_path / "bad.ndjson"
-    # line 1 and 2: batch 1 (committed); line 3 blank; lines 4-5: batch 2 with the bad line 5.
+    # Line 3 is blank; the bad rows are lines 5 and 7, after good ones.
     path.write_text(
         "\n".join(
-            [json.dumps(good[0]), json.dumps(good[1]), "", json.dumps(good[2]), json.dumps(bad)]
+            [
+                json.dumps(good[0]),
+                json.dumps(good[1]),
+                "",
+                json.dumps(good[2]),
+                json.dumps(bad),
+                json.dumps(action(new_id(), user, "3", "2025-11-01T00:00:00Z")),
+                json.dumps(worse),
+            ]
         )
         + "\n"
     )
     result = cli(db_url, "backfill", str(path), "--batch-size", "2")
-    line = assert_error(result, 2, "line 5:", "lbs")
-    assert "1 earlier batch" in line
+    assert_bad_rows(
+        result,
+        ("line 5", "lbs has more than six decimal places"),
+        ("line 7", "action_id is not a valid uuid"),
+        ("line 7", "lbs must not be negative"),
+        ("line 7", "logged_at has no zone offset"),
+    )
+    assert "2 bad rows" in result.stderr
     assert result.stdout == ""
-    assert global_total(db_url) == "2.000000"  # batch 1 only; batch 2 changed nothing
+    assert global_total(db_url) == "0.000000"  # the good rows were not applied either
+    assert query(db_url, "SELECT count(*) FROM bulk_sync.user_actions")[0][0] == 0
 
 
-def test_backfill_reports_parse_errors_before_sending_the_batch(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_backfill_reports_parse_errors_before_sending_anything(db_url: str, tmp_path: Path) -> None:
     good = json.dumps(action(new_id(), new_id(), "1", "2025-11-01T00:00:00Z"))
     ndjson = tmp_path / "broken.ndjson"
     ndjson.write_text(f"{good}\n\n{{not json\n")
@@ -417,7 +468,7 @@ def test_backfill_reports_parse_errors_before_sending_the_batch(
         f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,true\n"
         "a,b,c\n"
     )
-    assert_error(cli(db_url, "backfill", str(csv_file)), 2, "line 3:", "expected 5 fields")
+    assert_error(cli(db_url, "backfill", str(csv_file)), 2, "line 3:", "missing data")
 
     typo = tmp_path / "typo.csv"
     typo.write_text("action_id,user_id,lbs,logged_at,verifed\n")
@@ -428,11 +479,20 @@ def test_backfill_reports_parse_errors_before_sending_the_batch(
         "action_id,user_id,lbs,logged_at,verified\n"
         f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,maybe\n"
     )
-    assert_error(cli(db_url, "backfill", str(maybe)), 2, "line 2:", "verified")
+    assert_bad_rows(cli(db_url, "backfill", str(maybe)), ("line 2", "verified must be"))
+
+    marker = tmp_path / "marker.csv"
+    marker.write_text(
+        "action_id,user_id,lbs,logged_at,verified\n"
+        f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,true\n"
+        "\\.\n"
+        f"{new_id()},{new_id()},1,2025-11-01T00:00:00Z,true\n"
+    )
+    assert_error(cli(db_url, "backfill", str(marker)), 2, "line 3:", "\\.")
 
     array = tmp_path / "array.json"
     array.write_text(f"[{good}, 42]")
-    assert_error(cli(db_url, "backfill", str(array)), 2, "element 2:", "JSON object")
+    assert_bad_rows(cli(db_url, "backfill", str(array)), ("element 2", "must be a JSON object"))
 
     no_actions = tmp_path / "object.json"
     no_actions.write_text('{"rows": []}')
@@ -467,10 +527,11 @@ def test_backfill_streams_in_flat_memory(db_url: str, tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
 
+    # 400 users of 100 rows: chunks of 10 whole users.
     assert (summary["rows"], summary["batches"]) == (rows, 40)
     assert summary["global_total_lbs"] == amount(expected)
     assert global_total(db_url) == amount(expected)
-    # One batch of 1,000 rows is in memory at a time, never the file.
+    # The file streams to the server block by block; it is never in memory whole.
     assert peak < size / 5, (peak, size)
 
 

@@ -1,70 +1,68 @@
-"""``bulk-sync backfill FILE``: stream a file of actions into ``bulk_sync.bulk_backfill``.
+"""``bulk-sync backfill FILE``: load a file of actions through bulk_sync's one bulk core.
 
-The file is read row by row (CSV, NDJSON, a JSON array, or the seed's ``{"actions": [...]}``
-object) and never held in memory whole. Each batch is copied into a temporary stage table
-with ``COPY`` and sent as ONE ``bulk_backfill`` call, in its own transaction. Validation and
-every total are the SQL's job; this module only parses, batches and reports. A row that
-cannot be parsed, or that the SQL rejects, is reported with its line number.
+1. **Stage.** The file streams into the session's stage table (``bulk_sync._stage_open``) with ONE
+   ``COPY``: CSV and NDJSON bytes go to the server as they are, with no per-row Python work; a JSON
+   array is read element by element (ijson) and each element sent as one row. Memory stays flat; the
+   stage lives on the server and may use disk.
+2. **Check.** ``bulk_sync._stage_load`` checks every row at once: the BS001 rules, and BS002 within
+   the file and against stored actions. A file with any bad row changes nothing: every bad row (up
+   to 100) is reported with its line number, field and reason, and the exit code is 2.
+3. **Apply.** The checked rows are applied in chunks of whole users, in ``user_id`` order
+   (``bulk_sync._stage_apply``), each chunk committed on its own, so each user's totals and event
+   are written once per chunk and live writers wait for a chunk at most.
 
-Actions are idempotent by ``action_id``, so a failed or interrupted run can simply be run
-again; with ``--idempotency-key K`` batch ``n`` uses the key ``K:n`` and a rerun with the
-same batch size replays the batches that were already committed.
+Validation, idempotency and every total are the SQL's. A failed or interrupted run is simply run
+again: stored actions are skipped, so a rerun inserts nothing that is already there.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
 import click
 import ijson
 import psycopg
+from psycopg import sql
 
 from bulk_sync.db import connect, to_cli_error
 from bulk_sync.errors import EXIT_BAD_INPUT, CliError
-from bulk_sync.jsonutil import dumps, loads
+from bulk_sync.jsonutil import dumps
 
 FORMATS = ("csv", "ndjson", "json")
 DEFAULT_BATCH_SIZE = 10_000
 MAX_BATCH_SIZE = 50_000
+MAX_PROBLEMS = 100
+BLOCK = 1 << 18
 
 CSV_REQUIRED = ("action_id", "user_id", "lbs", "logged_at", "verified")
 CSV_OPTIONAL = ("metadata",)
-_TRUE = frozenset({"true", "t", "1", "yes", "y"})
-_FALSE = frozenset({"false", "f", "0", "no", "n"})
 
-CREATE_STAGE = (
-    "CREATE TEMP TABLE IF NOT EXISTS bulk_sync_stage (line_no bigint NOT NULL, doc jsonb NOT NULL)"
-)
-CLEAR_STAGE = "TRUNCATE pg_temp.bulk_sync_stage"
-COPY_STAGE = "COPY pg_temp.bulk_sync_stage (line_no, doc) FROM STDIN"
-CALL_BACKFILL = (
-    "SELECT bulk_sync.bulk_backfill(jsonb_build_object("
-    "'actions', jsonb_agg(doc ORDER BY line_no), 'idempotency_key', %s::text)) "
-    "FROM pg_temp.bulk_sync_stage"
-)
+STAGE = sql.Identifier("pg_temp", "bulk_sync_stage")
+# NDJSON lines go into the jsonb column as they are: CSV mode with a quote and a delimiter that
+# valid JSON text cannot contain unescaped (control characters), so every line is one field.
+COPY_NDJSON = sql.SQL(
+    "COPY {} (doc) FROM STDIN (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+).format(STAGE)
+COPY_JSON = sql.SQL("COPY {} (line, doc) FROM STDIN").format(STAGE)
+OPEN_STAGE = "SELECT bulk_sync._stage_open()"
+LOAD_STAGE = "SELECT bulk_sync._stage_load(%s, %s)"
+APPLY_CHUNK = "SELECT bulk_sync._stage_apply(%s::uuid, %s::uuid, 'line %%s', 'bulk_backfill', %s)"
 CURRENT_TOTAL = "SELECT bulk_sync.global_total()::text"
-
-_ELEMENT_INDEX = re.compile(r"actions\[(\d+)\]")
-_COPY_LINE = re.compile(r"\bline (\d+)\b")
-
-Row = tuple[int, str]  # (1-based line number or element ordinal, one JSON object as text)
 
 
 class InputError(CliError):
-    """A row or file that cannot be read (exit code 2)."""
+    """A row or file that cannot be read, or rows the checks rejected (exit code 2)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_BAD_INPUT)
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message, EXIT_BAD_INPUT, details)
 
 
 # --------------------------------------------------------------------------- input
@@ -114,32 +112,113 @@ def _strip_bom(stream: io.BufferedReader) -> None:
         stream.read(3)
 
 
-def read_csv(stream: io.BufferedReader) -> Iterator[Row]:
-    """CSV rows; the header is ``action_id,user_id,lbs,logged_at,verified[,metadata]``."""
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))
-    reader = csv.reader(text, strict=True)
-    header: list[str] | None = None
-    previous = 0
+@dataclass
+class Staged:
+    """How a file was staged: the COPY statement, and how its rows map back to the file's lines."""
+
+    copy: sql.Composed
+    blocks: Iterator[bytes] | None = None  # raw bytes for COPY (CSV, NDJSON)
+    rows: Iterator[tuple[int, str]] | None = None  # (ordinal, JSON text) rows for COPY (JSON)
+    first_line: int = 1  # the file line of the first staged row
+    label: str = "line"
+    # Blank lines are not sent: (rows staged before a run of them, blank lines so far), in order.
+    blanks: list[tuple[int, int]] = field(default_factory=list)
+
+    def line_of(self, row: int) -> int:
+        """The file line (or element) of the ``row``-th staged row (1-based)."""
+        skipped = 0
+        for before, total in self.blanks:
+            if before >= row:
+                break
+            skipped = total
+        return self.first_line + row - 1 + skipped
+
+
+_BLANK_LINES = re.compile(rb"(?:^|(?<=\n))[ \t\r]*\n")
+_COPY_LINE = re.compile(r"^COPY [^,]+, line (\d+)", re.MULTILINE)
+_ANY_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # a quick test: most blocks have none
+
+
+def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
+    """The rest of the stream in blocks of whole lines, without blank lines (noted in ``staged``).
+
+    A line holding only ``\\.`` would end a COPY early and silently, so it is refused.
+    """
+    rest = b""
+    rows = 0  # lines sent so far
+    blanks = 0
+    while True:
+        block = stream.read(BLOCK)
+        data = rest + block
+        if block:
+            cut = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next block
+            data, rest = data[:cut], data[cut:]
+        elif not data:
+            return
+        else:
+            data, rest = data + b"\n", b""
+        if not _ANY_BLANK_LINE.search(b"\n" + data):
+            rows += data.count(b"\n")
+            _refuse_end_marker(data, staged)
+            yield data
+            if not block:
+                return
+            continue
+        kept = []
+        at = 0
+        for match in _BLANK_LINES.finditer(data):
+            piece = data[at : match.start()]
+            rows += piece.count(b"\n")
+            kept.append(piece)
+            blanks += 1
+            if staged.blanks and staged.blanks[-1][0] == rows:
+                staged.blanks[-1] = (rows, blanks)
+            else:
+                staged.blanks.append((rows, blanks))
+            at = match.end()
+        kept.append(data[at:])
+        rows += data[at:].count(b"\n")
+        out = b"".join(kept)
+        _refuse_end_marker(out, staged)
+        if out:
+            yield out
+        if not block:
+            return
+
+
+def _refuse_end_marker(data: bytes, staged: Staged) -> None:
+    at = data.find(b"\\.\n") if data.startswith(b"\\.") else -1
+    for marker in (b"\n\\.\n", b"\n\\.\r\n"):
+        found = data.find(marker)
+        if found >= 0:
+            at = found + 1
+            break
+    if at >= 0:
+        line = staged.line_of(data.count(b"\n", 0, at) + 1)
+        raise InputError(f"line {line}: a line holding only \\. is not allowed")
+
+
+def stage_csv(stream: io.BufferedReader) -> Staged:
+    """CSV: the header is read here; every data byte goes to COPY as it is."""
+    _strip_bom(stream)
+    line = 0
+    header_bytes = b""
+    while not header_bytes.strip():
+        header_bytes = stream.readline()
+        line += 1
+        if not header_bytes:
+            raise InputError("line 1: the CSV file has no header")
     try:
-        for record in reader:
-            line, previous = previous + 1, reader.line_num
-            if not record or record == [""]:
-                continue
-            if header is None:
-                header = _csv_header(record, line)
-                continue
-            if len(record) != len(header):
-                raise InputError(f"line {line}: expected {len(header)} fields, found {len(record)}")
-            yield line, _csv_doc(header, record, line)
-    except csv.Error as exc:
-        raise InputError(f"line {reader.line_num}: invalid CSV: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InputError(f"line {reader.line_num + 1}: invalid UTF-8: {exc.reason}") from exc
-    finally:
-        text.detach()
-    if header is None:
-        raise InputError("line 1: the CSV file has no header")
+        header = next(csv.reader([header_bytes.decode("utf-8")]))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"line {line}: invalid CSV header: {exc}") from exc
+    names = _csv_header(header, line)
+    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        STAGE, sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    staged = Staged(copy=copy, first_line=line + 1)
+    staged.blocks = _blocks(stream, staged)
+    return staged
 
 
 def _csv_header(record: list[str], line: int) -> list[str]:
@@ -163,54 +242,21 @@ def _csv_header(record: list[str], line: int) -> list[str]:
     return names
 
 
-def _csv_doc(header: list[str], record: list[str], line: int) -> str:
-    doc: dict[str, Any] = {}
-    for name, value in zip(header, record, strict=True):
-        if name == "verified":
-            flag = value.strip().lower()
-            if flag in _TRUE:
-                doc[name] = True
-            elif flag in _FALSE:
-                doc[name] = False
-            elif flag:
-                doc[name] = value  # passed through: the SQL rejects it with BS001
-        elif name == "metadata":
-            if value.strip():
-                try:
-                    doc[name] = loads(value)
-                except ValueError as exc:
-                    reason = _json_reason(exc)
-                    raise InputError(f"line {line}: metadata is not valid JSON: {reason}") from exc
-        else:
-            doc[name] = value
-    return dumps(doc)
-
-
-def read_ndjson(stream: io.BufferedReader) -> Iterator[Row]:
-    """One JSON object per line; blank lines are skipped."""
+def stage_ndjson(stream: io.BufferedReader) -> Staged:
+    """NDJSON: every byte goes to COPY as it is, one line one row (a blank line is no action)."""
     _strip_bom(stream)
-    for line, raw in enumerate(stream, start=1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-            value = loads(text)
-        except UnicodeDecodeError as exc:
-            raise InputError(f"line {line}: invalid UTF-8: {exc.reason}") from exc
-        except ValueError as exc:
-            raise InputError(f"line {line}: invalid JSON: {_json_reason(exc)}") from exc
-        if not isinstance(value, dict):
-            raise InputError(f"line {line}: expected a JSON object, found {_kind(value)}")
-        # The line is valid JSON: it goes to the server as written (numbers exactly as typed).
-        yield line, text.strip()
+    staged = Staged(copy=COPY_NDJSON)
+    staged.blocks = _blocks(stream, staged)
+    return staged
 
 
-def read_json(stream: io.BufferedReader) -> Iterator[Row]:
-    """Elements of a JSON array, or of the ``actions`` array of a JSON object.
-
-    The numbers are the elements' 1-based ordinals (a streaming parser has no line numbers).
-    """
+def stage_json(stream: io.BufferedReader) -> Staged:
+    """A JSON array, or the seed's ``{"actions": [...]}``: one row per element, numbered from 1."""
     _strip_bom(stream)
+    return Staged(copy=COPY_JSON, rows=_json_elements(stream), label="element")
+
+
+def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
     first = stream.peek(64).lstrip(b" \t\r\n")[:1]
     if first == b"[":
         container, target = "", "item"
@@ -219,7 +265,6 @@ def read_json(stream: io.BufferedReader) -> Iterator[Row]:
     else:
         raise InputError('element 1: expected a JSON array or an object with an "actions" array')
     ordinal = 0
-    at = 1  # the element a parse error is in (or about to start)
     found = False
     events = ijson.parse(stream, use_float=False)
     try:
@@ -228,50 +273,32 @@ def read_json(stream: io.BufferedReader) -> Iterator[Row]:
                 found = True
             if prefix != target or event in ("end_map", "end_array"):
                 continue
-            ordinal = at
-            if event not in ("start_map", "start_array"):
-                raise InputError(f"element {ordinal}: expected a JSON object, found {_kind(value)}")
-            if event == "start_array":
-                raise InputError(f"element {ordinal}: expected a JSON object, found an array")
-            builder = ijson.ObjectBuilder()
-            builder.event(event, value)
-            for inner_prefix, inner_event, inner_value in events:
-                if inner_prefix == target and inner_event == "end_map":
-                    break
-                builder.event(inner_event, inner_value)
-            at = ordinal + 1
-            yield ordinal, dumps(builder.value)
+            ordinal += 1
+            element = value
+            if event in ("start_map", "start_array"):
+                builder = ijson.ObjectBuilder()
+                builder.event(event, value)
+                end = "end_map" if event == "start_map" else "end_array"
+                for inner_prefix, inner_event, inner_value in events:
+                    builder.event(inner_event, inner_value)
+                    if inner_prefix == target and inner_event == end:
+                        break
+                element = builder.value
+            # Any element is staged; the SQL rules say what is wrong with one that is not an object.
+            yield ordinal, dumps(element)
     except ijson.JSONError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed"
-        raise InputError(f"element {at}: invalid JSON: {reason}") from exc
+        raise InputError(f"element {ordinal + 1}: invalid JSON: {reason}") from exc
     except UnicodeDecodeError as exc:
-        raise InputError(f"element {at}: invalid UTF-8: {exc.reason}") from exc
+        raise InputError(f"element {ordinal + 1}: invalid UTF-8: {exc.reason}") from exc
     if not found:
         raise InputError('the JSON object has no "actions" array')
 
 
-def _json_reason(exc: ValueError) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} (column {exc.colno})"
-    return str(exc)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "a number"
-
-
-READERS: dict[str, Callable[[io.BufferedReader], Iterator[Row]]] = {
-    "csv": read_csv,
-    "ndjson": read_ndjson,
-    "json": read_json,
+STAGERS: dict[str, Callable[[io.BufferedReader], Staged]] = {
+    "csv": stage_csv,
+    "ndjson": stage_ndjson,
+    "json": stage_json,
 }
 
 
@@ -281,30 +308,25 @@ READERS: dict[str, Callable[[io.BufferedReader], Iterator[Row]]] = {
 @dataclass
 class Summary:
     rows: int = 0
-    batches: int = 0
+    chunks: int = 0
     inserted_count: int = 0
     skipped_count: int = 0
     verified_count: int = 0
     affected_users: int = 0
     global_total_lbs: str | None = None
-    replayed: list[int] = field(default_factory=list)
 
-    def add(self, batch_rows: int, result: dict[str, Any]) -> None:
-        self.rows += batch_rows
-        self.batches += 1
+    def add(self, result: dict[str, Any]) -> None:
+        self.chunks += 1
         self.inserted_count += int(result.get("inserted_count") or 0)
         self.skipped_count += int(result.get("skipped_count") or 0)
         self.verified_count += int(result.get("verified_count") or 0)
         self.affected_users += int(result.get("affected_users") or 0)
-        self.global_total_lbs = result.get("global_total_lbs")
-        if result.get("replayed"):
-            self.replayed.append(self.batches)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "success": True,
             "rows": self.rows,
-            "batches": self.batches,
+            "batches": self.chunks,
             "inserted_count": self.inserted_count,
             "skipped_count": self.skipped_count,
             "verified_count": self.verified_count,
@@ -314,35 +336,26 @@ class Summary:
 
 
 class _Progress:
-    """A click progress bar on a terminal (stderr); silent otherwise."""
+    """A progress bar on a terminal (stderr): the file's bytes, then the chunks; else silent."""
 
-    def __init__(self, counter: _CountingRaw, size: int | None, enabled: bool) -> None:
-        self._counter = counter
-        self._bar: Any = None
-        self._shown = 0
-        self._rows = 0
+    def __init__(self, enabled: bool) -> None:
         self._enabled = enabled
-        if enabled and size:
-            self._bar = click.progressbar(
-                length=size, label="backfill", file=sys.stderr, show_pos=False, show_percent=True
-            )
+        self._bar: Any = None
+
+    def start(self, label: str, length: int | None) -> None:
+        self.close()
+        if self._enabled and length:
+            self._bar = click.progressbar(length=length, label=label, file=sys.stderr)
             self._bar.__enter__()
 
-    def rows(self, count: int) -> None:
-        if not self._enabled:
-            return
-        self._rows += count
+    def update(self, steps: int) -> None:
         if self._bar is not None:
-            self._bar.update(self._counter.consumed - self._shown)
-            self._shown = self._counter.consumed
-        else:
-            click.echo(f"\rbackfill: {self._rows} rows", file=sys.stderr, nl=False)
+            self._bar.update(steps)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
-        elif self._enabled and self._rows:
-            click.echo("", file=sys.stderr)
+            self._bar = None
 
 
 def _stream_size(stream: IO[bytes]) -> int | None:
@@ -353,22 +366,51 @@ def _stream_size(stream: IO[bytes]) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
-def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    while batch := list(islice(rows, size)):
-        yield batch
+def _copy_into_stage(
+    conn: psycopg.Connection, staged: Staged, counter: _CountingRaw, bar: _Progress
+) -> None:
+    shown = 0
+    with conn.cursor() as cur, cur.copy(staged.copy) as copy:
+        if staged.blocks is not None:
+            for block in staged.blocks:
+                copy.write(block)
+                bar.update(counter.consumed - shown)
+                shown = counter.consumed
+        else:
+            assert staged.rows is not None
+            for number, row in enumerate(staged.rows, start=1):
+                copy.write_row(row)
+                if number % 10_000 == 0:
+                    bar.update(counter.consumed - shown)
+                    shown = counter.consumed
+    bar.update(counter.consumed - shown)
 
 
-def _locate(exc: psycopg.Error, batch: list[Row], label: str, number: int) -> str:
-    """Name the input row an SQL error is about (``actions[i]`` or a COPY line)."""
-    diag = exc.diag
-    for text in (diag.message_primary, diag.message_detail, diag.message_hint):
-        match = _ELEMENT_INDEX.search(text or "")
-        if match and int(match.group(1)) < len(batch):
-            return f"{label} {batch[int(match.group(1))][0]}: "
-    match = _COPY_LINE.search(diag.context or "")
-    if match and "COPY" in (diag.context or "") and 0 < int(match.group(1)) <= len(batch):
-        return f"{label} {batch[int(match.group(1)) - 1][0]}: "
-    return f"batch {number} ({label}s {batch[0][0]}-{batch[-1][0]}): "
+def _copy_error(exc: psycopg.Error, staged: Staged) -> CliError:
+    """A row COPY itself refused (not CSV, not JSON): name its line."""
+    # COPY numbers the rows it reads from 1 (the header was read before it).
+    match = _COPY_LINE.search(exc.diag.context or "")
+    number = int(match.group(1)) if match else None
+    where = f"{staged.label} {staged.line_of(number)}: " if number else ""
+    reason = (exc.diag.message_primary or str(exc)).strip()
+    if staged.copy is COPY_NDJSON:
+        reason = f"invalid JSON ({reason})"
+    return InputError(f"{where}{reason}; nothing was applied")
+
+
+def _problem_line(problem: dict[str, Any], staged: Staged) -> str:
+    """``line 7 (action_id ...): BS001: lbs must not be negative [lbs: -1]``."""
+    where = f"{staged.label} {staged.line_of(int(problem['line']))}"
+    action = f" (action_id {problem['action_id']})" if problem.get("action_id") else ""
+    reason = problem["reason"]
+    if problem.get("first_line") is not None:
+        reason += f", {staged.label} {staged.line_of(int(problem['first_line']))}"
+    value = problem.get("value")
+    if problem["code"] == "BS002":
+        shown = f" [{value}]"
+    else:
+        shown = f" [{problem['field']}: {value}]" if value not in (None, "") else ""
+    return f"{where}{action}: {problem['code']}: {problem['field']} {reason}{shown}"
 
 
 def backfill(
@@ -381,58 +423,61 @@ def backfill(
     idempotency_key: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Load every row of ``stream`` through ``bulk_sync.bulk_backfill``; return the summary."""
+    """Stage, check and apply every row of ``stream``; return the summary."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise InputError(f"the batch size must be between 1 and {MAX_BATCH_SIZE}")
     counter = _CountingRaw(stream)
     buffered = io.BufferedReader(counter, buffer_size=1 << 16)
     fmt = format_for(name, fmt, buffered.peek(64))
-    label = "element" if fmt == "json" else "line"
-    rows = READERS[fmt](buffered)
+    staged = STAGERS[fmt](buffered)
     summary = Summary()
-    bar = _Progress(counter, _stream_size(stream), progress)
+    bar = _Progress(progress)
     try:
         with connect(database_url) as conn:
-            conn.execute(CREATE_STAGE)
+            conn.execute(OPEN_STAGE)
+            bar.start("stage", _stream_size(stream))
+            try:
+                _copy_into_stage(conn, staged, counter, bar)
+            except psycopg.errors.DataError as exc:  # includes BadCopyFileFormat
+                conn.rollback()
+                raise _copy_error(exc, staged) from exc
+            load = conn.execute(LOAD_STAGE, (batch_size, MAX_PROBLEMS)).fetchone()[0]
             conn.commit()
-            for number, batch in enumerate(_batches(rows, batch_size), start=1):
+            summary.rows = int(load["rows"])
+            problems = load["problems"]
+            if problems:
+                rows = len({problem["line"] for problem in problems})
+                more = " (the first 100 problems)" if len(problems) >= MAX_PROBLEMS else ""
+                raise InputError(
+                    f"{name}: {rows} bad row{'s' if rows != 1 else ''}{more} listed above; "
+                    "nothing was applied",
+                    [_problem_line(problem, staged) for problem in problems],
+                )
+            bounds = load["chunks"]
+            chunks = list(zip(bounds, [*bounds[1:], None], strict=True))
+            bar.start("apply", len(chunks))
+            for number, (low, below) in enumerate(chunks, start=1):
                 key = f"{idempotency_key}:{number}" if idempotency_key else None
                 try:
-                    with conn.cursor() as cur:
-                        cur.execute(CLEAR_STAGE)
-                        with cur.copy(COPY_STAGE) as copy:
-                            for row in batch:
-                                copy.write_row(row)
-                        result = cur.execute(CALL_BACKFILL, (key,)).fetchone()[0]
+                    result = conn.execute(APPLY_CHUNK, (low, below, key)).fetchone()[0]
                     conn.commit()
                 except psycopg.Error as exc:
                     conn.rollback()
-                    raise _batch_error(exc, batch, label, number, summary) from exc
-                summary.add(len(batch), result)
-                bar.rows(len(batch))
-            if summary.batches == 0:
-                summary.global_total_lbs = conn.execute(CURRENT_TOTAL).fetchone()[0]
-                conn.commit()
-    except InputError as exc:
-        if summary.batches:
-            exc.message += _committed_note(summary)
-        raise
+                    raise _chunk_error(exc, number, len(chunks)) from exc
+                summary.add(result)
+                bar.update(1)
+            summary.global_total_lbs = conn.execute(CURRENT_TOTAL).fetchone()[0]
+            conn.commit()
     finally:
         bar.close()
     return summary.as_json()
 
 
-def _committed_note(summary: Summary) -> str:
-    return (
-        f" ({summary.batches} earlier batch{'es' if summary.batches != 1 else ''}, "
-        f"{summary.rows} rows, committed; fix the row and run again)"
+def _chunk_error(exc: psycopg.Error, number: int, total: int) -> CliError:
+    """An error while applying: say which chunks committed, so that a rerun is clearly safe."""
+    committed = (
+        f"chunks 1-{number - 1} of {total} committed" if number > 1 else "no chunk committed"
     )
-
-
-def _batch_error(
-    exc: psycopg.Error, batch: list[Row], label: str, number: int, summary: Summary
-) -> CliError:
-    error = to_cli_error(exc, prefix=_locate(exc, batch, label, number))
-    if summary.batches and error.exit_code == EXIT_BAD_INPUT:
-        error.message += _committed_note(summary)
+    error = to_cli_error(exc, prefix=f"chunk {number} of {total}: ")
+    error.message += f" ({committed}; run the same command again to finish the load)"
     return error

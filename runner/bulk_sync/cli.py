@@ -63,6 +63,8 @@ class BulkSyncGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except CliError as exc:
+            for line in exc.details:
+                click.echo(f"bulk-sync: {line}", err=True)
             _fail(ctx, exc.message, exc.exit_code, exc)
         except psycopg.Error as exc:
             error = to_cli_error(exc)
@@ -181,12 +183,13 @@ def log(
     type=click.IntRange(1, MAX_BATCH_SIZE),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
-    help="Actions per bulk_backfill call (one transaction each).",
+    help="Rows per chunk: the checked file is applied in chunks of whole users, "
+    "one transaction each.",
 )
 @click.option(
     "--idempotency-key",
     metavar="K",
-    help="Batch n is sent with the key K:n, so a rerun with the same batch size replays.",
+    help="Chunk n is applied with the key K:n, so a rerun of the same file replays.",
 )
 @click.pass_context
 def backfill_command(
@@ -198,8 +201,9 @@ def backfill_command(
 ) -> None:
     """Load a file of actions (CSV, NDJSON or JSON; - for stdin).
 
-    The file is streamed in batches, one bulk_sync.bulk_backfill call each; a bad row is
-    reported with its line number, and a failed run can simply be run again.
+    The whole file is staged and checked first: a file with bad rows changes nothing, and every
+    bad row (up to 100) is reported with its line number. It is then applied in chunks of whole
+    users, each committed on its own; a failed or interrupted run can simply be run again.
     """
     summary = backfill(
         _settings(ctx).url(),

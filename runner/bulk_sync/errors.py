@@ -11,7 +11,10 @@ EXIT_DATABASE = 3
 class CliError(Exception):
     """An error meant for the user: a one-line message and an exit code."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
+    def __init__(
+        self, message: str, exit_code: int = EXIT_BAD_INPUT, details: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        self.details = details or []  # one line each, printed before the message (bad rows)

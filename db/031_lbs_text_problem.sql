@@ -1,0 +1,19 @@
+-- _lbs_text_problem: the rule for an amount as the client wrote it: a plain decimal (a JSON number's text
+-- or a string), then _lbs_problem on its exact value. NULL when it is fine; the cast cannot fail after it.
+CREATE OR REPLACE FUNCTION bulk_sync._lbs_text_problem(p_value text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE
+               -- The common case first: one pattern, then the rule on the exact value.
+               WHEN p_value ~ '^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$'
+               THEN bulk_sync._lbs_problem(p_value::numeric)
+               -- Otherwise, say why.
+               WHEN p_value IS NULL THEN 'is required'
+               WHEN p_value ~ '^\s*-' THEN 'must not be negative'
+               WHEN lower(btrim(p_value)) IN ('nan', 'infinity', '+infinity', 'inf', '+inf')
+               THEN 'must be a finite decimal number'
+               ELSE 'is not a decimal number (send a plain decimal such as "10.2")'
+           END
+$$;

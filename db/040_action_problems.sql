@@ -1,0 +1,60 @@
+-- _action_problems: every BS001 rule for one action, as (field, reason, value) rows; none when it is valid.
+-- The one rulebook: log_action, log_actions, bulk_backfill and file loads all ask it. An action comes as a
+-- JSON object (p_doc) or as the text fields of a CSV row (p_doc NULL); the rules are the same for both,
+-- except that JSON types matter for verified and metadata, and a CSV's verified is a word (see _flag).
+CREATE OR REPLACE FUNCTION bulk_sync._action_problems(
+    p_doc        jsonb,
+    p_action_id  text DEFAULT NULL,
+    p_user_id    text DEFAULT NULL,
+    p_lbs        text DEFAULT NULL,
+    p_logged_at  text DEFAULT NULL,
+    p_verified   text DEFAULT NULL,
+    p_metadata   text DEFAULT NULL)
+RETURNS TABLE (field text, reason text, value text)
+LANGUAGE sql
+STABLE PARALLEL SAFE
+AS $$
+    -- One reason per field (NULL: fine). A valid action costs one pass over them (the WHERE); only an
+    -- invalid one is unpivoted into rows, with the values for DETAIL.
+    SELECT u.field, u.reason, u.value
+      FROM (SELECT CASE WHEN jsonb_typeof(p_doc) <> 'object' THEN 'must be a JSON object' END AS action,
+                   CASE WHEN jsonb_typeof(p_doc) = 'object'
+                         AND (p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata']) <> '{}'
+                        THEN 'is not a known key (allowed: action_id, user_id, lbs, logged_at, verified, metadata)'
+                   END AS keys,
+                   bulk_sync._uuid_text_problem(coalesce(p_action_id, p_doc ->> 'action_id')) AS action_id,
+                   bulk_sync._uuid_text_problem(coalesce(p_user_id, p_doc ->> 'user_id')) AS user_id,
+                   bulk_sync._lbs_text_problem(coalesce(p_lbs, p_doc ->> 'lbs')) AS lbs,
+                   bulk_sync._logged_at_text_problem(coalesce(p_logged_at, p_doc ->> 'logged_at')) AS logged_at,
+                   CASE WHEN p_doc IS NULL
+                        THEN CASE WHEN bulk_sync._flag(p_verified) IS NULL THEN 'must be true or false' END
+                        WHEN jsonb_typeof(p_doc -> 'verified') NOT IN ('boolean', 'null') THEN 'must be true or false'
+                   END AS verified,
+                   CASE WHEN p_doc IS NULL
+                        THEN CASE WHEN btrim(p_metadata) <> '' AND bulk_sync._json_object(p_metadata) IS NULL
+                                  THEN 'must be a JSON object' END
+                        WHEN jsonb_typeof(p_doc -> 'metadata') NOT IN ('object', 'null') THEN 'must be a JSON object'
+                   END AS metadata) AS r
+     CROSS JOIN LATERAL unnest(
+         ARRAY['action',
+               (SELECT string_agg(k, ', ' ORDER BY k)
+                  FROM jsonb_object_keys(CASE WHEN r.keys IS NOT NULL
+                                              THEN p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at',
+                                                                 'verified', 'metadata']
+                                              ELSE '{}' END) AS k),
+               'action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata'],
+         ARRAY[r.action, r.keys, r.action_id, r.user_id, r.lbs, r.logged_at, r.verified, r.metadata],
+         ARRAY[left(p_doc::text, 200),
+               CASE WHEN r.keys IS NOT NULL
+                    THEN left((p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata'])::text, 200)
+               END,
+               coalesce(p_action_id, p_doc ->> 'action_id'),
+               coalesce(p_user_id, p_doc ->> 'user_id'),
+               coalesce(p_lbs, p_doc ->> 'lbs'),
+               coalesce(p_logged_at, p_doc ->> 'logged_at'),
+               coalesce(p_verified, (p_doc -> 'verified')::text),
+               left(coalesce(p_metadata, (p_doc -> 'metadata')::text), 200)]) AS u(field, reason, value)
+     WHERE coalesce(r.action, r.keys, r.action_id, r.user_id, r.lbs, r.logged_at, r.verified, r.metadata) IS NOT NULL
+       AND u.reason IS NOT NULL
+       AND (u.field = 'action' OR r.action IS NULL)
+$$;

@@ -1,0 +1,130 @@
+-- _stage_apply: applies the checked rows of users p_from <= user_id < p_below (NULL: unbounded) in the
+-- caller's transaction: one INSERT, then the verification of known pending actions. The triggers move the totals.
+CREATE OR REPLACE FUNCTION bulk_sync._stage_apply(
+    p_from        uuid DEFAULT NULL,
+    p_below       uuid DEFAULT NULL,
+    p_row_format  text DEFAULT 'line %s',
+    p_via         text DEFAULT 'bulk_backfill',
+    p_idempotency_key  text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = bulk_sync, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rows      bigint;
+    v_distinct  bigint;
+    v_inserted  bigint;
+    v_verified  bigint := 0;
+    v_users     uuid[];
+    v_conflict  record;
+    v_result    jsonb;
+BEGIN
+    PERFORM bulk_sync._stage_guard();
+
+    -- With a key, the chunk is idempotent like a bulk_backfill call: a repeat of the same rows replays.
+    IF p_idempotency_key IS NOT NULL THEN
+        v_result := bulk_sync._claim_idempotency_key(
+            p_idempotency_key,
+            (SELECT sha256(convert_to(string_agg(format('%s %s %s %s %s %s', l.action_id, l.user_id, l.lbs,
+                                                        l.logged_at, l.verified, l.metadata), E'\n'
+                                                 ORDER BY l.line), 'UTF8'))
+               FROM pg_temp.bulk_sync_load AS l
+              WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)),
+            p_via);
+        IF v_result IS NOT NULL THEN
+            RETURN v_result || jsonb_build_object('replayed', true);
+        END IF;
+    END IF;
+
+    -- Users first (see _lock_users), in user_id order, so the triggers below only touch rows already held.
+    PERFORM bulk_sync._lock_users(ARRAY(SELECT l.user_id FROM pg_temp.bulk_sync_load AS l
+                                         WHERE l.verified AND (l.user_id >= p_from OR p_from IS NULL)
+                                           AND (l.user_id < p_below OR p_below IS NULL)));
+
+    -- New actions in one statement, in action_id order so concurrent loads lock index entries in one order.
+    -- An action_id repeated with the same facts is inserted once (verified if any of its rows is).
+    WITH inserted AS (
+        INSERT INTO bulk_sync.user_actions AS a
+               (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
+        SELECT d.action_id, d.user_id, d.lbs, d.verified, d.logged_at, d.metadata, CASE WHEN d.verified THEN now() END
+          FROM (SELECT DISTINCT ON (l.action_id) l.*
+                  FROM pg_temp.bulk_sync_load AS l
+                 WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+                 ORDER BY l.action_id, l.verified DESC, l.line) AS d
+         ORDER BY d.action_id
+            ON CONFLICT (action_id) DO NOTHING
+        RETURNING a.user_id, a.verified
+    )
+    SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
+      INTO v_inserted, v_users
+      FROM inserted AS i;
+
+    SELECT count(*), count(DISTINCT l.action_id) INTO v_rows, v_distinct
+      FROM pg_temp.bulk_sync_load AS l
+     WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
+
+    -- Some action_ids were known (a rerun, or a concurrent writer since _stage_load checked them): they
+    -- must carry the same facts, and a verified row verifies a stored pending action (never a revoked one).
+    IF v_inserted < v_distinct THEN
+        SELECT l.line, l.action_id, l.user_id, l.lbs, l.logged_at,
+               a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
+          INTO v_conflict
+          FROM pg_temp.bulk_sync_load AS l
+         CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
+                               FROM bulk_sync.user_actions AS x
+                              WHERE x.action_id = l.action_id
+                              LIMIT 1) AS a
+         WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+           AND bulk_sync._differing_facts(a.user_id, a.emissions_saved_lbs, a.logged_at, l.user_id, l.lbs, l.logged_at) IS NOT NULL
+         ORDER BY l.line
+         LIMIT 1;
+        IF FOUND THEN
+            PERFORM bulk_sync._check_same_facts(
+                v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
+                v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
+                format('%s (action_id %s)', format(p_row_format, v_conflict.line), v_conflict.action_id));
+        END IF;
+
+        WITH locked AS (
+            -- One primary-key probe per wanted action, locked in action_id order.
+            SELECT a.action_id
+              FROM (SELECT DISTINCT l.action_id FROM pg_temp.bulk_sync_load AS l
+                     WHERE l.verified AND (l.user_id >= p_from OR p_from IS NULL)
+                       AND (l.user_id < p_below OR p_below IS NULL)
+                     ORDER BY l.action_id) AS w
+             CROSS JOIN LATERAL (SELECT x.action_id FROM bulk_sync.user_actions AS x
+                                  WHERE x.action_id = w.action_id AND NOT x.verified AND NOT x.revoked
+                                    FOR UPDATE) AS a
+        ), verified AS (
+            UPDATE bulk_sync.user_actions AS a
+               SET verified = true, verified_at = now()
+              FROM locked AS k
+             WHERE a.action_id = k.action_id
+            RETURNING a.action_id, a.user_id
+        ), audit AS (
+            INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
+            SELECT v.action_id, v.user_id, 'pending', 'verified', session_user, p_via
+              FROM verified AS v
+             ORDER BY v.action_id
+        )
+        SELECT count(*), v_users || coalesce(array_agg(v.user_id), '{}')
+          INTO v_verified, v_users
+          FROM verified AS v;
+    END IF;
+
+    v_result := jsonb_build_object(
+        'rows',           v_rows,
+        'inserted_count', v_inserted,
+        'skipped_count',  v_rows - v_inserted - v_verified,
+        'verified_count', v_verified,
+        'affected_users', (SELECT count(DISTINCT u) FROM unnest(v_users) AS u),
+        'replayed',       false);
+    IF p_idempotency_key IS NOT NULL THEN
+        UPDATE bulk_sync.idempotency_keys AS k SET response = v_result WHERE k.idempotency_key = p_idempotency_key;
+    END IF;
+    RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION bulk_sync._stage_apply(uuid, uuid, text, text, text) IS
+    'Internal to bulk loads: applies the rows _stage_load checked for users in [p_from, p_below) (NULL: unbounded). With p_idempotency_key a repeat of the same rows replays the first result. Returns {"rows", "inserted_count", "skipped_count", "verified_count", "affected_users", "replayed"}.';

@@ -1,0 +1,280 @@
+"""The bulk core behind `bulk-sync backfill FILE` and bulk_backfill(jsonb): stage, check, apply.
+
+What the file path owes its users, each shown against a real database: the whole file is checked
+before anything is applied (BS001 anywhere, BS002 within the file or against stored actions);
+a rerun changes nothing; chunks are whole users, so each user's totals and event are written once
+per chunk; live writers keep working while a load runs; and the stage a definer function reads
+cannot be swapped for a caller's own table.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from bulk_sync.backfill import backfill
+from bulk_sync.errors import CliError
+from helpers import (
+    amount,
+    assert_exact_totals,
+    connect,
+    log_action,
+    logged_at,
+    new_id,
+    sqlstate,
+    start_cli,
+    stop_process,
+    wait_for,
+)
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, str, str, str]]) -> Decimal:
+    """A CSV of (action_id, user_id, lbs, logged_at, verified); returns the verified amount."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["action_id", "user_id", "lbs", "logged_at", "verified"])
+        writer.writerows(rows)
+    return sum((Decimal(r[2]) for r in rows if r[4] == "true"), Decimal(0))
+
+
+def load(url: str, path: Path, **options: Any) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        return backfill(url, handle, name=str(path), **options)
+
+
+def load_error(url: str, path: Path, **options: Any) -> CliError:
+    with pytest.raises(CliError) as caught:
+        load(url, path, **options)
+    return caught.value
+
+
+def counts(url: str) -> tuple[int, int, int]:
+    """(actions, user_stats rows, events written) — what a load that changes nothing must keep."""
+    with connect(url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM bulk_sync.user_actions),"
+            " (SELECT count(*) FROM bulk_sync.user_stats),"
+            " (SELECT count(*) FROM bulk_sync._event_outbox)"
+            " + (SELECT count(*) FROM bulk_sync.events)"
+        ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def many_rows(users: list[str], per_user: int) -> list[tuple[str, str, str, str, str]]:
+    return [
+        (new_id(), user, f"{i}.{j:06d}", logged_at(i * 60 + j), "true" if j % 10 else "false")
+        for i, user in enumerate(users)
+        for j in range(per_user)
+    ]
+
+
+def test_a_bs002_against_stored_actions_is_found_before_anything_is_applied(
+    db_url: str, tmp_path: Path
+) -> None:
+    stored = new_id()
+    with connect(db_url) as conn:
+        log_action(
+            conn,
+            {
+                "action_id": stored,
+                "user_id": "00000000-0000-4000-8000-000000000001",
+                "lbs": "1",
+                "logged_at": logged_at(0),
+                "verified": True,
+            },
+        )
+    before = counts(db_url)
+    rows = many_rows([new_id() for _ in range(50)], 20)
+    # The 700th row reuses the stored action_id with another amount.
+    rows.insert(700, (stored, "00000000-0000-4000-8000-000000000001", "2", logged_at(0), "true"))
+    write_csv(tmp_path / "conflict.csv", rows)
+
+    error = load_error(db_url, tmp_path / "conflict.csv", batch_size=100)
+    assert error.exit_code == 2
+    assert len(error.details) == 1
+    assert error.details[0].startswith(f"line 702 (action_id {stored}): BS002: lbs differs from")
+    assert "lbs=1.000000" in error.details[0]
+    assert "lbs=2.000000" in error.details[0]
+    assert counts(db_url) == before  # no chunk was applied, not even the ones before line 702
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, Decimal(1))
+
+
+def test_every_bad_row_is_reported_up_to_100(db_url: str, tmp_path: Path) -> None:
+    user = new_id()
+    rows = [(new_id(), user, "1", logged_at(i), "true") for i in range(300)]
+    for i in range(0, 300, 2):  # 150 bad rows: every other one
+        rows[i] = (rows[i][0], user, "1.0000001", logged_at(i), "true")
+    # One action_id twice in the file with other facts: BS002 within the file, found as well.
+    rows.append((rows[1][0], user, "5", logged_at(1), "true"))
+    write_csv(tmp_path / "bad.csv", rows)
+
+    error = load_error(db_url, tmp_path / "bad.csv")
+    assert error.exit_code == 2
+    assert len(error.details) == 100
+    lines = [int(d.split()[1]) for d in error.details]
+    assert lines == list(range(2, 202, 2))  # in file order: the first 100 bad rows
+    assert all("lbs has more than six decimal places" in d for d in error.details)
+    assert "(the first 100 problems)" in error.message
+    assert counts(db_url) == (0, 0, 0)
+
+    # With the decimals fixed, the duplicate action_id is what is left, named against its first row.
+    fixed = [(r[0], r[1], "1", r[3], r[4]) for r in rows[:-1]] + [rows[-1]]
+    write_csv(tmp_path / "dup.csv", fixed)
+    error = load_error(db_url, tmp_path / "dup.csv")
+    assert error.details == [
+        f"line 302 (action_id {rows[1][0]}): BS002: lbs differs from an earlier row with the "
+        f"same action_id, line 3 [stored: user_id={user} lbs=1.000000 logged_at={logged_at(1)}; "
+        f"submitted: user_id={user} lbs=5.000000 logged_at={logged_at(1)}]"
+    ]
+    assert counts(db_url) == (0, 0, 0)
+
+
+def test_chunks_are_whole_users_with_one_event_each_and_a_rerun_changes_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    users = [new_id() for _ in range(120)]
+    rows = many_rows(users, 25)
+    expected = write_csv(tmp_path / "load.csv", rows)
+    counted_users = {r[1] for r in rows if r[4] == "true"}
+
+    summary = load(db_url, tmp_path / "load.csv", batch_size=500)
+    assert summary["rows"] == len(rows) == summary["inserted_count"]
+    assert summary["batches"] == 6  # 3,000 rows of 25 per user: 20 whole users per chunk
+    assert summary["affected_users"] == len(counted_users)
+    assert summary["global_total_lbs"] == amount(expected)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+        # One user_stats row version and one event per user: each user sits in exactly one chunk.
+        events = conn.execute(
+            "SELECT payload ->> 'user_id', count(*) FROM bulk_sync.events_since(0, 10000)"
+            " GROUP BY 1"
+        ).fetchall()
+        assert {user for user, _ in events} == counted_users
+        assert all(n == 1 for _, n in events)
+
+    before = counts(db_url)
+    rerun = load(db_url, tmp_path / "load.csv", batch_size=500)
+    assert (rerun["inserted_count"], rerun["skipped_count"]) == (0, len(rows))
+    assert (rerun["verified_count"], rerun["affected_users"]) == (0, 0)
+    assert counts(db_url) == before  # no action, no user row, no event
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+
+    # A rerun with the pending rows now verified verifies them, once each, and counts them.
+    verified = [(r[0], r[1], r[2], r[3], "true") for r in rows]
+    everything = write_csv(tmp_path / "verified.csv", verified)
+    third = load(db_url, tmp_path / "verified.csv", batch_size=500)
+    pending = sum(1 for r in rows if r[4] == "false")
+    assert (third["inserted_count"], third["verified_count"]) == (0, pending)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, everything)
+
+
+def test_live_writers_keep_working_during_a_load(db_url: str, tmp_path: Path) -> None:
+    """Four real connections log actions for the file's own users while it loads."""
+    users = [new_id() for _ in range(400)]
+    rows = many_rows(users, 50)
+    expected = write_csv(tmp_path / "big.csv", rows)
+    logged: list[Decimal] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(offset: int) -> None:
+        try:
+            with connect(db_url) as conn:
+                i = 0
+                while not stop.is_set():
+                    lbs = Decimal(i % 7 + 1) / 4
+                    user = users[(offset + i * 37) % len(users)]
+                    response = log_action(
+                        conn,
+                        {
+                            "action_id": new_id(),
+                            "user_id": user,
+                            "lbs": str(lbs),
+                            "logged_at": logged_at(i),
+                            "verified": True,
+                        },
+                    )
+                    assert response["status"] == "inserted"
+                    logged.append(lbs)
+                    i += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    proc = start_cli(db_url, "backfill", str(tmp_path / "big.csv"), "--batch-size", "1000")
+    threads = [threading.Thread(target=writer, args=(k * 101,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert proc.returncode == 0, err
+    assert errors == []
+    assert len(logged) > 0
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected + sum(logged, Decimal(0)))
+
+
+def test_an_interrupted_load_completes_when_run_again(db_url: str, tmp_path: Path) -> None:
+    users = [new_id() for _ in range(2000)]
+    rows = many_rows(users, 20)
+    expected = write_csv(tmp_path / "load.csv", rows)
+    # 400 chunks of 5 users, each its own commit: the kill lands between two of them.
+    proc = start_cli(db_url, "backfill", str(tmp_path / "load.csv"), "--batch-size", "100")
+
+    def some_committed() -> int | None:
+        n = counts(db_url)[0]
+        return n if 0 < n < len(rows) else None
+
+    try:
+        wait_for(some_committed, timeout=120, what="some chunks to commit")
+    finally:
+        stop_process(proc, sig=9)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn)  # what committed is whole chunks, totals exact
+    summary = load(db_url, tmp_path / "load.csv", batch_size=100)
+    assert summary["inserted_count"] + summary["skipped_count"] == len(rows)
+    assert summary["inserted_count"] < len(rows)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+
+
+@pytest.mark.parametrize(
+    ("table", "ddl"),
+    [
+        ("bulk_sync_load", "CREATE TEMP TABLE bulk_sync_load (line bigint)"),
+        ("bulk_sync_stage", "CREATE TEMP VIEW bulk_sync_stage AS SELECT 1 AS line"),
+    ],
+)
+def test_the_stage_cannot_be_replaced_by_a_callers_own(
+    db_url: str, make_db: Callable[..., str], table: str, ddl: str
+) -> None:
+    """A writer's own pg_temp table or view of the stage's name is refused, never read as owner."""
+    with connect(db_url) as conn:
+        conn.execute("CREATE ROLE stage_writer LOGIN IN ROLE bulk_sync_writer")
+    try:
+        with psycopg.connect(db_url.replace("postgres@", "stage_writer@"), autocommit=True) as conn:
+            conn.execute(ddl)
+            for call in (
+                "SELECT bulk_sync._stage_open()",
+                "SELECT bulk_sync._stage_load(10, 10)",
+                "SELECT bulk_sync._stage_apply()",
+            ):
+                with pytest.raises(psycopg.Error) as caught:
+                    conn.execute(call)
+                assert sqlstate(caught.value) in ("55000", "42P07"), (call, caught.value)
+    finally:
+        with connect(db_url) as conn:
+            conn.execute("DROP ROLE stage_writer")
