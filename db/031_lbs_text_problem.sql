@@ -6,8 +6,9 @@ LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE
-               -- The common case first: one pattern, then the rule on the exact value.
-               WHEN p_value ~ '^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$'
+               -- The common cases first: a plain decimal (the cheapest pattern), any decimal with an
+               -- exponent; then the rule on the exact value.
+               WHEN p_value ~ '^[0-9]+\.?[0-9]*$' OR p_value ~ '^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$'
                THEN bulk_sync._lbs_problem(p_value::numeric)
                -- Otherwise, say why.
                WHEN p_value IS NULL THEN 'is required'

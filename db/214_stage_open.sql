@@ -20,6 +20,8 @@ BEGIN
             metadata   text
         ) ON COMMIT DELETE ROWS;
         -- Checked rows outlive their transaction: a file is applied in chunks, each committed on its own.
+        -- One row per action_id: copies counts the staged rows it stands for; known, whether the
+        -- action_id was stored when the rows were checked.
         CREATE TEMP TABLE bulk_sync_load (
             line       bigint        NOT NULL,
             action_id  uuid          NOT NULL,
@@ -27,7 +29,9 @@ BEGIN
             lbs        numeric(30,6) NOT NULL,
             logged_at  timestamptz   NOT NULL,
             verified   boolean       NOT NULL,
-            metadata   jsonb         NOT NULL
+            metadata   jsonb         NOT NULL,
+            copies     integer       NOT NULL DEFAULT 1,
+            known      boolean       NOT NULL
         );
         -- Writers may fill the stage (the runner COPYs into it); only bulk_sync reads it, checked.
         GRANT INSERT ON pg_temp.bulk_sync_stage TO bulk_sync_writer;

@@ -1,5 +1,5 @@
 -- _stage_load: checks every staged action at once and, when all are valid, keeps them typed for
--- _stage_apply. Set-based: one pass for the BS001 rules, one for BS002 within the stage and against stored actions.
+-- _stage_apply. Set-based: one pass for the BS001 rules, one to type the rows, BS002 in two joins.
 CREATE OR REPLACE FUNCTION bulk_sync._stage_load(
     p_chunk_rows    integer DEFAULT NULL,
     p_max_problems  integer DEFAULT 100)
@@ -7,11 +7,14 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
+-- Compiling the rules' expressions costs more than it saves on a stage of any size measured.
+SET jit = off
 AS $$
 DECLARE
     v_invalid   jsonb;
     v_problems  jsonb;
     v_rows      bigint;
+    v_repeated  uuid[];
     v_bounds    uuid[];
 BEGIN
     PERFORM bulk_sync._stage_guard();
@@ -30,31 +33,36 @@ BEGIN
              ORDER BY s.line, r.field
              LIMIT p_max_problems) AS p;
 
-    -- 2. The valid rows, typed (a blank line, all NULL, is no row). With invalid rows present the rules
-    -- are asked again to leave them out, so that step 3 can still report conflicts among the others.
+    -- 2. The valid rows, typed (a blank line, all NULL, is no row), each marked known when its action_id
+    -- is stored: a plain join, so the planner probes the primary key for a small load and hashes a large
+    -- one. With invalid rows present the rules are asked again to leave them out, so that step 3 can
+    -- still report conflicts among the others.
     TRUNCATE pg_temp.bulk_sync_load;
     IF to_regclass('pg_temp.bulk_sync_load_user') IS NOT NULL THEN
         DROP INDEX pg_temp.bulk_sync_load_user;  -- built again below when the load is chunked
     END IF;
-    INSERT INTO pg_temp.bulk_sync_load (line, action_id, user_id, lbs, logged_at, verified, metadata)
-    SELECT s.line, v.action_id, v.user_id, v.lbs, v.logged_at, v.verified, v.metadata
-      FROM pg_temp.bulk_sync_stage AS s
-     CROSS JOIN LATERAL bulk_sync._action_values(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
-                                                 s.verified, s.metadata) AS v
-     WHERE (s.doc, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified, s.metadata) IS DISTINCT FROM
-           (NULL::jsonb, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text)
-       AND (v_invalid = '[]' OR NOT EXISTS (SELECT FROM bulk_sync._action_problems(s.doc, s.action_id, s.user_id, s.lbs,
-                                                                                   s.logged_at, s.verified, s.metadata)));
+    INSERT INTO pg_temp.bulk_sync_load (line, action_id, user_id, lbs, logged_at, verified, metadata, known)
+    SELECT v.line, v.action_id, v.user_id, v.lbs, v.logged_at, v.verified, v.metadata, a.action_id IS NOT NULL
+      FROM (SELECT s.line, t.*
+              FROM pg_temp.bulk_sync_stage AS s
+             CROSS JOIN LATERAL bulk_sync._action_values(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
+                                                         s.verified, s.metadata) AS t
+             WHERE (s.doc, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified, s.metadata) IS DISTINCT FROM
+                   (NULL::jsonb, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text)
+               AND (v_invalid = '[]' OR NOT EXISTS (SELECT FROM bulk_sync._action_problems(s.doc, s.action_id,
+                                                    s.user_id, s.lbs, s.logged_at, s.verified, s.metadata)))) AS v
+      LEFT JOIN bulk_sync.user_actions AS a ON a.action_id = v.action_id
+     ORDER BY v.user_id;  -- so that a chunk's rows lie together: each chunk reads a few pages, not all
     GET DIAGNOSTICS v_rows = ROW_COUNT;
 
     -- 3. BS002: an action_id seen twice with other facts (against its first row), or other facts than stored.
-    WITH repeated AS (
-        SELECT l.action_id FROM pg_temp.bulk_sync_load AS l GROUP BY l.action_id HAVING count(*) > 1
-    ), versions AS (
+    SELECT array_agg(r.action_id) INTO v_repeated
+      FROM (SELECT l.action_id FROM pg_temp.bulk_sync_load AS l GROUP BY l.action_id HAVING count(*) > 1) AS r;
+    WITH versions AS (
         SELECT l.*, first_value(l.line) OVER w AS first_line, first_value(l.user_id) OVER w AS first_user_id,
                first_value(l.lbs) OVER w AS first_lbs, first_value(l.logged_at) OVER w AS first_logged_at
           FROM pg_temp.bulk_sync_load AS l
-         WHERE l.action_id IN (SELECT r.action_id FROM repeated AS r)
+         WHERE l.action_id = ANY (v_repeated)
         WINDOW w AS (PARTITION BY l.action_id ORDER BY l.line)
     ), conflicts AS (
         SELECT v.line, 'BS002' AS code,
@@ -65,7 +73,6 @@ BEGIN
           FROM versions AS v
          WHERE bulk_sync._differing_facts(v.first_user_id, v.first_lbs, v.first_logged_at, v.user_id, v.lbs, v.logged_at) IS NOT NULL
         UNION ALL
-        -- A plain join: the planner probes the primary key for a small load and hashes a large one.
         SELECT l.line, 'BS002',
                bulk_sync._differing_facts(a.user_id, a.emissions_saved_lbs, a.logged_at, l.user_id, l.lbs, l.logged_at),
                'differs from the stored action with this action_id',
@@ -73,7 +80,8 @@ BEGIN
                l.action_id::text, NULL::bigint
           FROM pg_temp.bulk_sync_load AS l
           JOIN bulk_sync.user_actions AS a ON a.action_id = l.action_id
-         WHERE (a.user_id, a.emissions_saved_lbs, a.logged_at) IS DISTINCT FROM (l.user_id, l.lbs, l.logged_at)
+         WHERE l.known
+           AND (a.user_id, a.emissions_saved_lbs, a.logged_at) IS DISTINCT FROM (l.user_id, l.lbs, l.logged_at)
     )
     SELECT coalesce(jsonb_agg(p ORDER BY p.line, p.code, p.field), '[]') INTO v_problems
       FROM (SELECT * FROM (SELECT (e ->> 'line')::bigint AS line, e ->> 'code' AS code, e ->> 'field' AS field,
@@ -88,6 +96,25 @@ BEGIN
     IF v_problems <> '[]' THEN
         TRUNCATE pg_temp.bulk_sync_load;
         RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', '[]'::jsonb);
+    END IF;
+
+    -- An action_id repeated with the same facts is one action: keep its first row, verified if any of
+    -- its rows is, standing for all of them.
+    IF v_repeated IS NOT NULL THEN
+        WITH repeated AS (
+            SELECT l.action_id, min(l.line) AS keep, count(*)::integer AS copies, bool_or(l.verified) AS verified
+              FROM pg_temp.bulk_sync_load AS l
+             WHERE l.action_id = ANY (v_repeated)
+             GROUP BY l.action_id
+        ), kept AS (
+            UPDATE pg_temp.bulk_sync_load AS l
+               SET copies = r.copies, verified = r.verified
+              FROM repeated AS r
+             WHERE l.action_id = r.action_id AND l.line = r.keep
+        )
+        DELETE FROM pg_temp.bulk_sync_load AS l
+         USING repeated AS r
+         WHERE l.action_id = r.action_id AND l.line <> r.keep;
     END IF;
 
     -- 4. Chunks of whole users, in user_id order, of about p_chunk_rows rows each (NULL: one chunk).

@@ -1,5 +1,6 @@
 -- _stage_apply: applies the checked rows of users p_from <= user_id < p_below (NULL: unbounded) in the
--- caller's transaction: one INSERT, then the verification of known pending actions. The triggers move the totals.
+-- caller's transaction: one INSERT of the new actions, then the verification of known pending ones. The
+-- triggers on user_actions move the totals, once per user.
 CREATE OR REPLACE FUNCTION bulk_sync._stage_apply(
     p_from        uuid DEFAULT NULL,
     p_below       uuid DEFAULT NULL,
@@ -13,7 +14,8 @@ SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_rows      bigint;
-    v_distinct  bigint;
+    v_known     bigint;
+    v_raced     boolean := false;
     v_inserted  bigint;
     v_verified  bigint := 0;
     v_users     uuid[];
@@ -42,56 +44,73 @@ BEGIN
                                          WHERE l.verified AND (l.user_id >= p_from OR p_from IS NULL)
                                            AND (l.user_id < p_below OR p_below IS NULL)));
 
-    -- New actions in one statement, in action_id order so concurrent loads lock index entries in one order.
-    -- An action_id repeated with the same facts is inserted once (verified if any of its rows is).
-    WITH inserted AS (
-        INSERT INTO bulk_sync.user_actions AS a
-               (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
-        SELECT d.action_id, d.user_id, d.lbs, d.verified, d.logged_at, d.metadata, CASE WHEN d.verified THEN now() END
-          FROM (SELECT DISTINCT ON (l.action_id) l.*
-                  FROM pg_temp.bulk_sync_load AS l
-                 WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
-                 ORDER BY l.action_id, l.verified DESC, l.line) AS d
-         ORDER BY d.action_id
-            ON CONFLICT (action_id) DO NOTHING
-        RETURNING a.user_id, a.verified
-    )
-    SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
-      INTO v_inserted, v_users
-      FROM inserted AS i;
+    -- New actions in one plain INSERT, in action_id order so concurrent loads lock index entries in one
+    -- order. Should another writer have stored one of them since _stage_load, the chunk is inserted
+    -- again with ON CONFLICT DO NOTHING, and every row of it is then treated as possibly known.
+    BEGIN
+        WITH inserted AS (
+            INSERT INTO bulk_sync.user_actions AS a
+                   (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
+            SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
+              FROM pg_temp.bulk_sync_load AS l
+             WHERE NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+             ORDER BY l.action_id
+            RETURNING a.user_id, a.verified
+        )
+        SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
+          INTO v_inserted, v_users
+          FROM inserted AS i;
+    EXCEPTION WHEN unique_violation THEN
+        v_raced := true;
+        WITH inserted AS (
+            INSERT INTO bulk_sync.user_actions AS a
+                   (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
+            SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
+              FROM pg_temp.bulk_sync_load AS l
+             WHERE NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+             ORDER BY l.action_id
+                ON CONFLICT (action_id) DO NOTHING
+            RETURNING a.user_id, a.verified
+        )
+        SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
+          INTO v_inserted, v_users
+          FROM inserted AS i;
+    END;
 
-    SELECT count(*), count(DISTINCT l.action_id) INTO v_rows, v_distinct
+    SELECT coalesce(sum(l.copies), 0), count(*) FILTER (WHERE l.known) INTO v_rows, v_known
       FROM pg_temp.bulk_sync_load AS l
      WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
 
-    -- Some action_ids were known (a rerun, or a concurrent writer since _stage_load checked them): they
-    -- must carry the same facts, and a verified row verifies a stored pending action (never a revoked one).
-    IF v_inserted < v_distinct THEN
-        SELECT l.line, l.action_id, l.user_id, l.lbs, l.logged_at,
-               a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
-          INTO v_conflict
-          FROM pg_temp.bulk_sync_load AS l
-         CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
-                               FROM bulk_sync.user_actions AS x
-                              WHERE x.action_id = l.action_id
-                              LIMIT 1) AS a
-         WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
-           AND bulk_sync._differing_facts(a.user_id, a.emissions_saved_lbs, a.logged_at, l.user_id, l.lbs, l.logged_at) IS NOT NULL
-         ORDER BY l.line
-         LIMIT 1;
-        IF FOUND THEN
-            PERFORM bulk_sync._check_same_facts(
-                v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
-                v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
-                format('%s (action_id %s)', format(p_row_format, v_conflict.line), v_conflict.action_id));
+    -- Known actions (a rerun, a resubmission): the same facts were checked by _stage_load, and after a
+    -- race they are checked here; a verified row verifies a stored pending action (never a revoked one).
+    IF v_known > 0 OR v_raced THEN
+        IF v_raced THEN
+            SELECT l.line, l.action_id, l.user_id, l.lbs, l.logged_at,
+                   a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
+              INTO v_conflict
+              FROM pg_temp.bulk_sync_load AS l
+             CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
+                                   FROM bulk_sync.user_actions AS x
+                                  WHERE x.action_id = l.action_id
+                                  LIMIT 1) AS a
+             WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+               AND (a.user_id, a.emissions_saved_lbs, a.logged_at) IS DISTINCT FROM (l.user_id, l.lbs, l.logged_at)
+             ORDER BY l.line
+             LIMIT 1;
+            IF FOUND THEN
+                PERFORM bulk_sync._check_same_facts(
+                    v_conflict.stored_user_id, v_conflict.stored_lbs, v_conflict.stored_logged_at,
+                    v_conflict.user_id, v_conflict.lbs, v_conflict.logged_at,
+                    format('%s (action_id %s)', format(p_row_format, v_conflict.line), v_conflict.action_id));
+            END IF;
         END IF;
 
         WITH locked AS (
             -- One primary-key probe per wanted action, locked in action_id order.
             SELECT a.action_id
-              FROM (SELECT DISTINCT l.action_id FROM pg_temp.bulk_sync_load AS l
-                     WHERE l.verified AND (l.user_id >= p_from OR p_from IS NULL)
-                       AND (l.user_id < p_below OR p_below IS NULL)
+              FROM (SELECT l.action_id FROM pg_temp.bulk_sync_load AS l
+                     WHERE l.verified AND (l.known OR v_raced)
+                       AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
                      ORDER BY l.action_id) AS w
              CROSS JOIN LATERAL (SELECT x.action_id FROM bulk_sync.user_actions AS x
                                   WHERE x.action_id = w.action_id AND NOT x.verified AND NOT x.revoked

@@ -277,4 +277,51 @@ def test_the_stage_cannot_be_replaced_by_a_callers_own(
                 assert sqlstate(caught.value) in ("55000", "42P07"), (call, caught.value)
     finally:
         with connect(db_url) as conn:
-            conn.execute("DROP ROLE stage_writer")
+            # The writer's temporary objects go when its backend has exited, which takes a moment.
+            def dropped() -> bool:
+                try:
+                    conn.execute("DROP ROLE stage_writer")
+                except psycopg.errors.DependentObjectsStillExist:
+                    return False
+                return True
+
+            wait_for(dropped, timeout=30, what="the writer's session to end")
+
+
+def test_an_action_stored_by_another_writer_after_the_check(db_url: str) -> None:
+    """Between _stage_load and _stage_apply another writer stores one of the actions: with the same
+    facts it is skipped and counted once; with other facts the chunk fails with BS002."""
+    same, other, fresh = new_id(), new_id(), new_id()
+    user = "00000000-0000-4000-8000-000000000001"
+
+    def staged(conn: psycopg.Connection, ids: list[str]) -> None:
+        conn.execute("SELECT bulk_sync._stage_open()")
+        for i, action_id in enumerate(ids, start=1):
+            conn.execute(
+                "INSERT INTO pg_temp.bulk_sync_stage"
+                " (line, action_id, user_id, lbs, logged_at, verified)"
+                " VALUES (%s, %s, %s, '2', %s, 'true')",
+                (i, action_id, user, logged_at(0)),
+            )
+        load = conn.execute("SELECT bulk_sync._stage_load(NULL, 10)").fetchone()[0]
+        assert load["problems"] == []
+
+    with connect(db_url) as loader, connect(db_url) as writer:
+        loader.execute("BEGIN")
+        staged(loader, [same, fresh])
+        loader.execute("COMMIT")
+        request = {"user_id": user, "lbs": "2", "logged_at": logged_at(0), "verified": True}
+        assert log_action(writer, {"action_id": same, **request})["status"] == "inserted"
+        result = loader.execute("SELECT bulk_sync._stage_apply()").fetchone()[0]
+        assert (result["inserted_count"], result["skipped_count"]) == (1, 1)
+        assert_exact_totals(loader, Decimal(4))
+
+        loader.execute("BEGIN")
+        staged(loader, [other])
+        loader.execute("COMMIT")
+        log_action(writer, {"action_id": other, **request, "lbs": "3"})
+        with pytest.raises(psycopg.Error) as caught:
+            loader.execute("SELECT bulk_sync._stage_apply()")
+        assert sqlstate(caught.value) == "BS002"
+        assert "line 1" in str(caught.value)
+        assert_exact_totals(loader, Decimal(7))
