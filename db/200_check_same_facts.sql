@@ -18,7 +18,7 @@ DECLARE
                                                  p_user_id, p_lbs, p_logged_at);
 BEGIN
     IF v_fields IS NOT NULL THEN
-        RAISE EXCEPTION '%: action_id already used with a different % (compared with %)', p_where, v_fields, p_against
+        RAISE EXCEPTION '%', bulk_sync._facts_conflict_message(p_where, v_fields, p_against)
             USING ERRCODE = 'BS002',
                   DETAIL = bulk_sync._facts_detail(p_stored_user_id, p_stored_lbs, p_stored_logged_at,
                                                    p_user_id, p_lbs, p_logged_at),

@@ -18,7 +18,6 @@ DECLARE
     v_metadata  jsonb := coalesce(p_metadata, '{}');
     v_stored    bulk_sync.user_actions;
     v_status    text := 'inserted';
-    v_message   text;
     v_reason    text;
 BEGIN
     IF p_action_id IS NULL OR p_user_id IS NULL OR p_verified IS NULL THEN
@@ -54,41 +53,24 @@ BEGIN
             CASE WHEN p_verified THEN now() END)
         ON CONFLICT (action_id) DO NOTHING;
 
-    IF FOUND THEN
-        v_message := CASE WHEN p_verified THEN 'Emission logged successfully'
-                          ELSE 'Action logged; it counts once verified' END;
-    ELSE
+    IF NOT FOUND THEN
         SELECT * INTO v_stored FROM bulk_sync.user_actions AS a WHERE a.action_id = p_action_id FOR UPDATE;
         PERFORM bulk_sync._check_same_facts(v_stored.user_id, v_stored.emissions_saved_lbs, v_stored.logged_at,
                                             p_user_id, v_lbs, p_logged_at, 'log_action');
-        IF v_stored.revoked THEN
-            v_status := 'duplicate';
-            v_message := 'Duplicate action_id: the action is revoked and stays revoked';
-        ELSIF p_verified AND NOT v_stored.verified THEN
+        IF p_verified AND NOT v_stored.verified AND NOT v_stored.revoked THEN
             UPDATE bulk_sync.user_actions AS a
                SET verified = true, verified_at = now()
              WHERE a.action_id = p_action_id;
             INSERT INTO bulk_sync.action_transitions (action_id, user_id, from_status, to_status, performed_by, via)
             VALUES (p_action_id, p_user_id, 'pending', 'verified', session_user, 'log_action');
             v_status := 'verified';
-            v_message := 'Duplicate action_id: the stored action is now verified and counts';
         ELSE
             v_status := 'duplicate';
-            v_message := 'Duplicate action_id: already recorded, totals unchanged';
         END IF;
     END IF;
 
-    RETURN jsonb_build_object(
-        'success',          true,
-        'status',           v_status,
-        'action_id',        p_action_id,
-        'user_id',          p_user_id,
-        'emissions_lbs',    bulk_sync._amount(v_lbs),
-        'user_total_lbs',   bulk_sync._amount(bulk_sync._current_user_total(p_user_id)),
-        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
-        'is_duplicate',     v_status <> 'inserted',
-        'message',          v_message,
-        'timestamp',        bulk_sync._iso(now()));
+    RETURN bulk_sync._log_response(v_status, p_action_id, p_user_id, v_lbs, p_verified, coalesce(v_stored.revoked, false),
+                                   bulk_sync._current_user_total(p_user_id), bulk_sync._current_global_total());
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.log_action(uuid, uuid, numeric, timestamptz, boolean, jsonb) IS

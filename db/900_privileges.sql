@@ -11,6 +11,7 @@ GRANT USAGE ON SCHEMA bulk_sync TO bulk_sync_reader, bulk_sync_writer, bulk_sync
 GRANT EXECUTE ON FUNCTION
     bulk_sync.log_action(jsonb),
     bulk_sync.log_action(uuid, uuid, numeric, timestamptz, boolean, jsonb),
+    bulk_sync.log_actions(jsonb),
     bulk_sync.bulk_backfill(jsonb),
     bulk_sync.verify_action(uuid, text),
     bulk_sync.revoke_action(uuid, text, text),

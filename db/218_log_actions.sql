@@ -1,0 +1,88 @@
+-- log_actions: many independent log_action calls in one: each action is judged and answered exactly as
+-- a separate log_action made in array order would be, but checked, stored and counted set-based.
+CREATE OR REPLACE FUNCTION bulk_sync.log_actions(request jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = bulk_sync, pg_catalog, pg_temp
+AS $$
+DECLARE
+    c_max_actions  CONSTANT integer := 50000;
+    v_actions      jsonb;
+    v_total        integer;
+    v_failed       jsonb;
+    v_items        bulk_sync._batch_action[];
+    v_results      jsonb;
+    v_error        jsonb;
+    v_state        text;
+    v_message      text;
+    v_detail       text;
+BEGIN
+    IF request IS NULL OR jsonb_typeof(request) <> 'object' THEN
+        RAISE EXCEPTION 'log_actions: the request must be a JSON object'
+            USING ERRCODE = 'BS001', DETAIL = format('request: %s', coalesce(left(request::text, 200), 'null'));
+    ELSIF (request - 'actions') <> '{}'::jsonb THEN
+        RAISE EXCEPTION 'log_actions: unknown key %',
+              (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(request - 'actions') AS k)
+            USING ERRCODE = 'BS001', HINT = 'Allowed keys: actions.';
+    END IF;
+    v_actions := request -> 'actions';
+    IF v_actions IS NULL OR jsonb_typeof(v_actions) <> 'array' THEN
+        RAISE EXCEPTION 'log_actions: actions must be a JSON array'
+            USING ERRCODE = 'BS001', DETAIL = format('actions: %s', coalesce(left(v_actions::text, 200), 'missing'));
+    END IF;
+    v_total := jsonb_array_length(v_actions);
+    IF v_total > c_max_actions THEN
+        RAISE EXCEPTION 'log_actions: % actions exceed the limit of % per call', v_total, c_max_actions
+            USING ERRCODE = 'BS005', DETAIL = format('actions: %s', v_total),
+                  HINT = 'Split the batch.';
+    END IF;
+
+    -- 1. Each invalid action's error, as log_action(jsonb) raises it (_parse_action: the first problem).
+    SELECT jsonb_object_agg(e.idx - 1, jsonb_build_object(
+               'success', false,
+               'action_id', CASE WHEN jsonb_typeof(e.doc) = 'object' THEN e.doc -> 'action_id' END,
+               'error', jsonb_build_object('code', 'BS001',
+                                           'message', format('request: %s %s', p.field, p.reason),
+                                           'detail', format('%s: %s', p.field, coalesce(p.value, 'missing')))))
+      INTO v_failed
+      FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
+     CROSS JOIN LATERAL (SELECT * FROM bulk_sync._action_problems(e.doc) LIMIT 1) AS p;
+    v_failed := coalesce(v_failed, '{}');
+
+    -- 2. The valid ones, typed, with their 0-based index.
+    SELECT coalesce(array_agg(ROW(e.idx - 1, v.action_id, v.user_id, v.lbs, v.logged_at, v.verified, v.metadata)
+                                  ::bulk_sync._batch_action ORDER BY e.idx), '{}')
+      INTO v_items
+      FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
+     CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS v
+     WHERE NOT v_failed ? (e.idx - 1)::text;
+
+    BEGIN
+        v_results := bulk_sync._log_batch(v_items);
+    EXCEPTION WHEN SQLSTATE 'BS900' OR numeric_value_out_of_range THEN
+        -- A total would overflow NUMERIC(30,6), or another writer stored one of the actions meanwhile:
+        -- nothing of the set-based attempt stays, and each action is logged on its own, in order.
+        v_results := '{}';
+        FOR i IN 0 .. v_total - 1 LOOP
+            CONTINUE WHEN v_failed ? i::text;
+            BEGIN
+                v_results := v_results || jsonb_build_object(i, bulk_sync.log_action(v_actions -> i));
+            EXCEPTION WHEN SQLSTATE 'BS002' OR numeric_value_out_of_range THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+                v_results := v_results || jsonb_build_object(i, jsonb_build_object(
+                    'success', false, 'action_id', v_actions -> i -> 'action_id',
+                    'error', jsonb_build_object('code', v_state, 'message', v_message, 'detail', nullif(v_detail, ''))));
+            END;
+        END LOOP;
+    END;
+
+    v_results := v_results || v_failed;
+    RETURN jsonb_build_object(
+        'results',          (SELECT coalesce(jsonb_agg(v_results -> i::text ORDER BY i), '[]')
+                               FROM generate_series(0, v_total - 1) AS i),
+        'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
+END
+$$;
+COMMENT ON FUNCTION bulk_sync.log_actions(jsonb) IS
+    'Logs {"actions": [...]} as independent log_action calls made in array order in one transaction: {"results": [log_action''s response or {"success": false, "action_id", "error": {code, message, detail}}], "global_total_lbs"}. At most 50000 actions (BS005).';
