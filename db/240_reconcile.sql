@@ -117,7 +117,7 @@ BEGIN
                  ORDER BY f.user_id
                 RETURNING correction_id, metadata ->> 'user_id' AS user_id
             )
-            SELECT count(*),
+            SELECT count(*)::integer,
                    coalesce(v_correction_id, (array_agg(a.correction_id ORDER BY a.user_id))[1]),
                    array_agg(a.user_id::uuid ORDER BY a.user_id)
               INTO v_user_fixes, v_correction_id, v_fixed_users
