@@ -21,6 +21,7 @@ DECLARE
     v_fixed           boolean := false;
     v_correction_id   uuid;
     v_user_fixes      integer := 0;
+    v_recent          jsonb;
     v_result          jsonb;
 BEGIN
     IF jsonb_typeof(v_request) <> 'object' THEN
@@ -51,9 +52,11 @@ BEGIN
     PERFORM pg_advisory_xact_lock(1651862635, 3);
 
     -- One statement, one snapshot: every writer changes actions, user_stats and a slot in one
-    -- transaction, so what the check sees is consistent and any difference is real drift.
-    SELECT c.counted_total, c.slots_total, c.drifted
-      INTO v_truth, v_global, v_drifted
+    -- transaction, so what the check sees is consistent and any difference is real drift. When
+    -- the global total differs, the mismatch report's recent actions come from that snapshot too.
+    SELECT c.counted_total, c.slots_total, c.drifted,
+           CASE WHEN c.counted_total <> c.slots_total THEN bulk_sync._recent_actions(100) END
+      INTO v_truth, v_global, v_drifted, v_recent
       FROM bulk_sync._compare_all_users() AS c;
 
     v_out_of_sync := coalesce(cardinality(v_drifted), 0);
@@ -70,7 +73,7 @@ BEGIN
                    (previous_total, corrected_total, discrepancy, reason, performed_by, reconciliation_run_id, metadata)
             VALUES (v_global, v_truth, abs(v_global - v_truth),
                     'Global total differed from the sum of counted actions', v_performed_by, v_run_id,
-                    jsonb_build_object('scope', 'global'))
+                    jsonb_build_object('scope', 'global', 'recent_actions', v_recent))
             RETURNING correction_id INTO v_correction_id;
         END IF;
 
@@ -114,7 +117,7 @@ BEGIN
                  ORDER BY f.user_id
                 RETURNING correction_id, metadata ->> 'user_id' AS user_id
             )
-            SELECT count(*),
+            SELECT count(*)::integer,
                    coalesce(v_correction_id, (array_agg(a.correction_id ORDER BY a.user_id))[1]),
                    array_agg(a.user_id::uuid ORDER BY a.user_id)
               INTO v_user_fixes, v_correction_id, v_fixed_users
@@ -145,9 +148,13 @@ BEGIN
     VALUES (v_run_id, v_started_at, clock_timestamp(), v_performed_by, v_auto_correct, v_in_sync, v_fixed,
             v_out_of_sync, v_result);
 
-    PERFORM pg_notify('bulk_sync_ops', (jsonb_build_object('event', 'reconcile') || v_result)::text);
+    -- The notification carries the recent actions too, as many of the newest as NOTIFY's limit
+    -- allows; the correction row (correction_id) always has the whole list.
+    PERFORM pg_notify('bulk_sync_ops',
+                      bulk_sync._ops_payload(jsonb_build_object('event', 'reconcile') || v_result,
+                                             'recent_actions', v_recent));
     RETURN v_result;
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.reconcile(jsonb) IS
-    'Checks the global total and every user''s stats against the counted actions; with auto_correct (default) fixes drift and records each fix in emissions_corrections. Notifies bulk_sync_ops. Request: {"performed_by"?, "auto_correct"?}.';
+    'Checks the global total and every user''s stats against the counted actions; with auto_correct (default) fixes drift and records each fix in emissions_corrections; a global fix lists the 100 counted actions most recently stored (metadata.recent_actions). Notifies bulk_sync_ops. Request: {"performed_by"?, "auto_correct"?}.';

@@ -30,7 +30,7 @@ BEGIN
           FROM (SELECT * FROM moved ORDER BY outbox_id) AS m
         RETURNING event_id, payload
     )
-    SELECT count(*), max(p.event_id), CASE WHEN count(*) = 1 THEN (array_agg(p.payload))[1] END
+    SELECT count(*)::integer, max(p.event_id), CASE WHEN count(*) = 1 THEN (array_agg(p.payload))[1] END
       INTO v_count, v_last, v_single
       FROM published AS p;
 

@@ -1,9 +1,11 @@
 -- Privileges, in one place: nothing for PUBLIC, then what each of the three roles may do.
 -- Runs after every other definition so that new functions never keep PostgreSQL's default EXECUTE.
-REVOKE ALL ON SCHEMA bulk_sync FROM PUBLIC;
-REVOKE ALL ON ALL TABLES IN SCHEMA bulk_sync FROM PUBLIC;
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA bulk_sync FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bulk_sync FROM PUBLIC;
+-- The three roles lose everything too, so that a grant an earlier release made (or a DBA added by
+-- hand) does not outlive this file: migrate applies it in one transaction, nobody sees the gap.
+REVOKE ALL ON SCHEMA bulk_sync FROM PUBLIC, bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
+REVOKE ALL ON ALL TABLES IN SCHEMA bulk_sync FROM PUBLIC, bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA bulk_sync FROM PUBLIC, bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bulk_sync FROM PUBLIC, bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
 
 GRANT USAGE ON SCHEMA bulk_sync TO bulk_sync_reader, bulk_sync_writer, bulk_sync_admin;
 

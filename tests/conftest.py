@@ -62,6 +62,13 @@ SERVER_SETTINGS = {
     "full_page_writes": "off",
 }
 
+# `scripts/test --coverage` sets this: plpgsql_check's profiler runs in every backend, and
+# make_db hands each database's profile to tests/plpgsql_coverage.py before dropping it.
+COVERAGE_DIR = os.environ.get("BULK_SYNC_PLPGSQL_COVERAGE_DIR")
+if COVERAGE_DIR:
+    SERVER_SETTINGS["shared_preload_libraries"] += ",plpgsql_check"
+    SERVER_SETTINGS["plpgsql_check.profiler"] = "on"
+
 # Where the session's server log is, for the failure report hook below.
 _SERVER_LOG: dict[str, Path] = {}
 _LOG_OFFSET = pytest.StashKey[int]()
@@ -319,6 +326,10 @@ def make_db(
 
     yield factory
 
+    if COVERAGE_DIR:
+        from plpgsql_coverage import harvest
+
+        harvest([_url(cluster.port, name) for name in created], Path(COVERAGE_DIR))
     with connect(admin_url) as admin:
         for name in reversed(created):
             admin.execute(

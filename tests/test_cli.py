@@ -184,9 +184,19 @@ def test_migrate_installs_then_is_a_noop(make_db: Callable[..., str]) -> None:
     definitions = len(list(paths.definitions_dir().glob("*.sql")))
 
     first = out_json(cli(url, "migrate"))
-    assert first == {"applied_migrations": expected_ids, "definitions": definitions}
+    assert first == {
+        "applied_migrations": expected_ids,
+        "definitions": definitions,
+        "definitions_applied": True,
+        "dropped": [],
+    }
     second = out_json(cli(url, "migrate"))
-    assert second == {"applied_migrations": [], "definitions": definitions}
+    assert second == {
+        "applied_migrations": [],
+        "definitions": definitions,
+        "definitions_applied": False,
+        "dropped": [],
+    }
     assert global_total(url) == "0.000000"
 
 

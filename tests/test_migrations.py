@@ -26,7 +26,14 @@ from bulk_sync.migrate import migrate
 from helpers import amount, assert_exact_totals, connect, log_action, reconcile
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-MIGRATION_IDS = ["0001.core-schema", "0002.lifecycle", "0003.events", "0004.roles"]
+MIGRATION_IDS = [
+    "0001.core-schema",
+    "0002.lifecycle",
+    "0003.events",
+    "0004.roles",
+    "0005.leaderboard-key",
+    "0006.definitions-state",
+]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
 
@@ -252,7 +259,14 @@ def test_upgrade_from_0001_keeps_every_row_and_total(empty_db: str) -> None:
 
 
 def _check_after_rollback(conn: psycopg.Connection, migration_id: str) -> None:
-    if migration_id == "0004.roles":
+    if migration_id == "0006.definitions-state":
+        assert not relation_exists(conn, "bulk_sync._definitions_state")
+        assert relation_exists(conn, "bulk_sync.user_stats_leaderboard")
+    elif migration_id == "0005.leaderboard-key":
+        # No rollback: 0001 creates the same column and index on a fresh install.
+        assert column_exists(conn, "user_stats", "leaderboard_key")
+        assert relation_exists(conn, "bulk_sync.user_stats_leaderboard")
+    elif migration_id == "0004.roles":
         assert not scalar(
             conn, "SELECT has_schema_privilege('bulk_sync_reader', 'bulk_sync', 'USAGE')"
         )
@@ -279,7 +293,7 @@ def _check_after_rollback(conn: psycopg.Connection, migration_id: str) -> None:
 
 
 def test_rollback_every_migration_then_migrate_again(db_url: str) -> None:
-    """From a used head database, roll back 0004 → 0001 one by one; then migrate again."""
+    """From a used head database, roll back every migration one by one; then migrate again."""
     smoke(db_url)  # some data in every table the rollbacks drop
     backend = open_backend(db_url)
     try:

@@ -131,13 +131,32 @@ def main(ctx: click.Context, database_url: str | None, verbose: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--lock-timeout",
+    type=click.IntRange(1, 2000),
+    default=2000,
+    show_default=True,
+    metavar="MS",
+    help="Longest wait for any one lock; a writer never queues behind migrate for longer.",
+)
+@click.option(
+    "--attempts",
+    type=click.IntRange(1, 100),
+    default=6,
+    show_default=True,
+    help="Tries (with backoff) before giving up with exit 3 when a lock is not granted.",
+)
 @click.pass_context
-def migrate(ctx: click.Context) -> None:
+def migrate(ctx: click.Context, lock_timeout: int, attempts: int) -> None:
     """Install or upgrade the bulk_sync schema.
 
-    Applies the pending yoyo migrations, then every db/ definition; a second run is a no-op.
+    Applies the pending yoyo migrations, then the db/ definitions unless they are already
+    current; a second run is a no-op and takes no lock. Safe on a live database: see
+    `--lock-timeout`.
     """
-    _print_json(run_migrate(_settings(ctx).url()))
+    _print_json(
+        run_migrate(_settings(ctx).url(), lock_timeout_ms=lock_timeout, attempts=attempts)
+    )
 
 
 @main.command()

@@ -2,7 +2,7 @@
 -- per-user drift, audits each fix in emissions_corrections with its run, and changes nothing when
 -- auto_correct is false.
 BEGIN;
-SELECT plan(73);
+SELECT plan(84);
 
 \ir fixtures/common.sql
 
@@ -82,6 +82,23 @@ SELECT is((SELECT count(*) FROM bulk_sync.reconciliation_runs WHERE run_id = (te
     1::bigint, 'drift: the run is recorded in reconciliation_runs');
 SELECT is((SELECT in_sync FROM bulk_sync.reconciliation_runs WHERE run_id = (tests.r('drift') ->> 'run_id')::uuid),
     false, 'drift: the recorded run says out of sync');
+
+-- the mismatch report: the counted actions most recently stored (one transaction here, so one
+-- created_at: newest first falls back to action_id descending)
+CREATE FUNCTION tests.recent(p_name text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT c.metadata -> 'recent_actions' FROM bulk_sync.emissions_corrections AS c
+     WHERE c.correction_id = (tests.r(p_name) ->> 'correction_id')::uuid
+$$;
+SELECT is(jsonb_path_query_array(tests.recent('drift'), '$[*].action_id'),
+    '["00000000-0000-4000-8000-0000000000a3", "00000000-0000-4000-8000-0000000000a2",
+      "00000000-0000-4000-8000-0000000000a1"]'::jsonb,
+    'drift: recent_actions lists the counted actions, newest first, without the pending and the revoked one');
+SELECT is(tests.recent('drift') -> 0,
+    jsonb_build_object('action_id', '00000000-0000-4000-8000-0000000000a3',
+                       'user_id', '00000000-0000-4000-8000-000000000003', 'lbs', '10.400000',
+                       'logged_at', '2025-11-05T10:10:00Z', 'created_at', bulk_sync._iso(now())),
+    'drift: a recent action has its ids, lbs with six decimals and timestamps with Z');
 
 INSERT INTO tests.responses VALUES ('after fix', bulk_sync.reconcile());
 SELECT is(tests.r('after fix') -> 'in_sync', 'true'::jsonb, 'second run: in sync');
@@ -212,6 +229,48 @@ SELECT is(tests.r('edges, histogram ranges') ->> 'user_stats_sum', '40.900010',
     'and the sum of counted actions covers every range once');
 INSERT INTO tests.responses VALUES ('edges, after', bulk_sync.reconcile());
 SELECT is(tests.r('edges, after') -> 'in_sync', 'true'::jsonb, 'and a second run finds everything in sync');
+
+------------------------------------------------------------------------------------------------------
+-- recent_actions: at most 100, by created_at, counted only; the notification's copy fits NOTIFY
+SELECT is((SELECT count(*) FROM bulk_sync.emissions_corrections
+            WHERE metadata ->> 'scope' = 'user' AND metadata ? 'recent_actions'), 0::bigint,
+    'user corrections carry no recent_actions');
+INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at, created_at)
+SELECT ('00000000-0000-4000-9000-' || lpad(g::text, 12, '0'))::uuid, '00000000-0000-4000-8000-000000000009',
+       '0.000001', true, now(), '2025-01-01T00:00:00Z', now() + make_interval(secs => g)
+  FROM generate_series(1, 150) AS g;
+INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, revoked, revoked_at, logged_at, created_at)
+VALUES ('00000000-0000-4000-9000-100000000001', '00000000-0000-4000-8000-000000000009', '5', true, now(), true, now(),
+        '2025-01-01T00:00:00Z', now() + interval '1 hour'),
+       ('00000000-0000-4000-9000-100000000002', '00000000-0000-4000-8000-000000000009', '5', false, NULL, false, NULL,
+        '2025-01-01T00:00:00Z', now() + interval '2 hours');
+UPDATE bulk_sync.global_emissions SET total_lbs_saved = '0.000000' WHERE id = 1;
+INSERT INTO tests.responses VALUES ('many', bulk_sync.reconcile());
+SELECT is(jsonb_array_length(tests.recent('many')), 100, 'many actions: recent_actions holds 100');
+SELECT is(tests.recent('many') -> 0 ->> 'action_id', '00000000-0000-4000-9000-000000000150',
+    'many actions: the newest counted one first (a newer revoked and a newer pending one left out)');
+SELECT is(tests.recent('many') -> 99 ->> 'created_at', bulk_sync._iso(now() + interval '51 seconds'),
+    'many actions: the 100th newest last');
+
+CREATE TABLE tests.payload AS
+SELECT bulk_sync._ops_payload(tests.r('many'), 'recent_actions', tests.recent('many')) AS text;
+SELECT cmp_ok((SELECT octet_length(text) FROM tests.payload), '<', 8000,
+    'the notification of a 100-action report stays under NOTIFY''s 8000 bytes');
+SELECT is((SELECT text::jsonb -> 'recent_actions' FROM tests.payload),
+    (SELECT jsonb_agg(e.item ORDER BY e.n) FROM jsonb_array_elements(tests.recent('many')) WITH ORDINALITY AS e(item, n)
+      WHERE e.n <= (SELECT jsonb_array_length(text::jsonb -> 'recent_actions') FROM tests.payload)),
+    'it carries the newest recent actions, in order');
+SELECT results_eq($$SELECT text::jsonb -> 'recent_actions_truncated', text::jsonb -> 'recent_actions_count',
+                           text::jsonb -> 'correction_id', jsonb_array_length(text::jsonb -> 'recent_actions') >= 30
+                      FROM tests.payload$$,
+    $$VALUES ('true'::jsonb, '100'::jsonb, tests.r('many') -> 'correction_id', true)$$,
+    'cut to fit: it says so, with the full count and the correction_id that has the whole list');
+SELECT is(bulk_sync._ops_payload(tests.r('drift'), 'recent_actions', tests.recent('drift'))::jsonb,
+    tests.r('drift') || jsonb_build_object('recent_actions', tests.recent('drift'), 'recent_actions_count', 3,
+                                           'recent_actions_truncated', false),
+    'a short list travels whole');
+SELECT is(bulk_sync._ops_payload(tests.r('fresh'), 'recent_actions', NULL), tests.r('fresh')::text,
+    'no list: the payload unchanged');
 
 ------------------------------------------------------------------------------------------------------
 -- bad requests
