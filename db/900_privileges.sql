@@ -32,6 +32,9 @@ GRANT EXECUTE ON FUNCTION
     bulk_sync.leaderboard_json(integer, integer),
     bulk_sync.global_total(timestamptz),
     bulk_sync.user_total(uuid, timestamptz),
+    -- the current totals they read (global_total and user_total run as their caller)
+    bulk_sync._current_global_total(),
+    bulk_sync._current_user_total(uuid),
     bulk_sync.events_since(bigint, integer),
     bulk_sync.status()
 TO bulk_sync_reader;
