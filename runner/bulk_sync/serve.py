@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import quote, unquote_plus
 
 import psycopg
+from psycopg import AsyncClientCursor
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -528,26 +529,30 @@ def json_object_text(body: bytes, optional: bool) -> str:
 async def run_json(
     pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
 ) -> Any:
-    """One transaction under the level's role: the statement's first column, or None."""
-    try:
-        async with pool.connection() as conn, conn.transaction():
-            await conn.execute(SET_ROLE[level])
-            cursor = await conn.execute(sql, params)
-            row = await cursor.fetchone()
-    except (psycopg.Error, PoolTimeout) as exc:
-        raise database_error(exc) from exc
-    return None if row is None else row[0]
+    """``SET LOCAL ROLE`` and the statement in one round trip: the statement's first column."""
+    rows = await _run(pool, level, sql, params)
+    return rows[0][0] if rows else None
 
 
 async def events_page(pool: AsyncConnectionPool, level: int, after: int) -> list[tuple[int, str]]:
+    rows = await _run(pool, level, EVENTS_PAGE_SQL, {"after": after, "limit": EVENT_PAGE})
+    return [(int(event_id), payload) for event_id, payload in rows]
+
+
+async def _run(
+    pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Both statements go as one simple query, which PostgreSQL runs as one transaction (so
+    SET LOCAL holds for the call and ends with it). The client-side cursor binds the values
+    as quoted literals; the body stays the text the client sent."""
     try:
-        async with pool.connection() as conn, conn.transaction():
-            await conn.execute(SET_ROLE[level])
-            cursor = await conn.execute(EVENTS_PAGE_SQL, {"after": after, "limit": EVENT_PAGE})
-            rows = await cursor.fetchall()
+        async with pool.connection() as conn:
+            cursor = AsyncClientCursor(conn)
+            await cursor.execute(f"{SET_ROLE[level]}; {sql}", params)
+            cursor.nextset()
+            return await cursor.fetchall()
     except (psycopg.Error, PoolTimeout) as exc:
         raise database_error(exc) from exc
-    return [(int(event_id), payload) for event_id, payload in rows]
 
 
 # --------------------------------------------------------------------------- endpoints
