@@ -61,8 +61,8 @@ INT4_MAX = 2**31 - 1
 READER, WRITER, ADMIN = 1, 2, 3
 ROLE = {READER: "bulk_sync_reader", WRITER: "bulk_sync_writer", ADMIN: "bulk_sync_admin"}
 ROLE_HINT = (
-    "the login role of bulk-sync serve must be a member of bulk_sync_reader, bulk_sync_writer "
-    "and bulk_sync_admin"
+    "PostgreSQL refused a privilege of the request's role: the login role of bulk-sync serve "
+    "must be a member of bulk_sync_reader, bulk_sync_writer and bulk_sync_admin"
 )
 SET_ROLE = {level: f"SET LOCAL ROLE {role}" for level, role in ROLE.items()}
 
