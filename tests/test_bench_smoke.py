@@ -58,3 +58,28 @@ def test_quick_benchmark_runs_every_target_exactly() -> None:
     assert re.search(r"^exact: yes \(\d+ checks\)$", output, re.M), context
     # The plans of T5 are part of the report.
     assert "user_stats_leaderboard" in output, context
+
+
+def test_quick_http_benchmark_runs_and_stays_exact() -> None:
+    """T6 (``--only 6``): wrk against ``bulk-sync serve`` beside pgbench, exact afterwards."""
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--only", "6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = done.stdout
+    context = (
+        f"exit {done.returncode}\n--- stdout\n{output[-6000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    )
+    assert done.returncode == 0, context
+    for workers in (1, 2):
+        assert re.search(
+            rf"^\| T6 +\| HTTP log, {workers} worker\(s\), 64 connections +\| [0-9,]+ req/s "
+            r"\(p99 [0-9.,]+ ms\)",
+            output,
+            re.M,
+        ), context
+    assert re.search(r"^  exact \[T6 HTTP answers\]: yes", output, re.M), context
+    assert re.search(r"^  exact \[T6 log_action over HTTP\]: yes", output, re.M), context

@@ -466,6 +466,37 @@ def schedule(ctx: click.Context, cron: str, unschedule: bool) -> None:
             click.echo(f"scheduled {CRON_JOB} (pg_cron job {job}): {cron} {CRON_COMMAND}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--pool-size",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Database connections per worker.",
+)
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int, pool_size: int) -> None:
+    """Serve the HTTP API and the live leaderboard page.
+
+    Tokens come from BULK_SYNC_READER_TOKEN, BULK_SYNC_WRITER_TOKEN and BULK_SYNC_ADMIN_TOKEN.
+    With none set, only a loopback --host is allowed. Needs the serve extra.
+    """
+    try:
+        from bulk_sync import serve as server
+    except ImportError as exc:
+        raise CliError(
+            f"serve needs the serve extra ({exc.name} is missing): pip install 'bulk-sync[serve]'",
+            EXIT_BAD_INPUT,
+        ) from exc
+    problem = server.startup_problem(server.Settings.from_env(), host)
+    if problem:
+        raise CliError(f"refusing to start: {problem}", EXIT_BAD_INPUT)
+    server.run(_settings(ctx).url(), host, port, workers, pool_size)
+
+
 @main.group()
 def db() -> None:
     """The embedded default database."""

@@ -1,4 +1,9 @@
-"""``bulk-sync listen`` and ``bulk-sync worker``.
+"""``bulk-sync listen`` and ``bulk-sync worker``, and the event follower they are built on.
+
+follow
+    The one event follower: reads ``bulk_sync.events_since`` page by page and hands each page
+    on, then follows live. ``bulk-sync listen`` prints the pages; ``bulk-sync serve`` fans them
+    out to its Server-Sent Events clients.
 
 listen
     Prints one JSON line per event, ``{"event_id": N, ...payload}``: first everything after
@@ -27,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import psycopg
+from psycopg import sql
 
 from bulk_sync.db import APP_NAME, connect, to_cli_error
 from bulk_sync.errors import EXIT_DATABASE, CliError
@@ -113,11 +119,80 @@ def _is_connection_error(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------- listen
 
 
+Row = tuple[int, Any]
+"""One event as ``events_since`` returns it: ``(event_id, payload)``."""
+
+
 class _Cursor:
-    """The last event id printed; updated row by row, so a reconnect resumes exactly there."""
+    """The last event id handed on; updated page by page, so a reconnect resumes exactly there."""
 
     def __init__(self, last: int) -> None:
         self.last = last
+
+
+def follow(
+    database_url: str,
+    after: int,
+    emit: Callable[[list[Row]], None],
+    *,
+    stopper: Stopper,
+    notice: Callable[[str], None],
+    poll_every_s: float = SAFETY_POLL_S,
+    role: str | None = None,
+    retry_first: bool = False,
+) -> int:
+    """Hand every event after ``after`` to ``emit``, page by page, then follow live until stopped.
+
+    A notification on ``bulk_sync_leaderboard`` triggers the next read, and so does a poll every
+    ``poll_every_s`` (``events_since`` publishes pending events itself, so polling alone works
+    without a worker). A lost connection is retried with backoff and resumes after the last id
+    emitted: nothing missed, nothing twice. The first connection failure raises a ``CliError``
+    unless ``retry_first``. ``role`` is set for the session (``SET ROLE``). Returns the last id.
+    """
+    seen = _Cursor(after)
+    conn: psycopg.Connection | None = None
+    if not retry_first:
+        conn = _listen_connection(database_url, role)  # first failure: exit 3
+    attempt = 0
+    while not stopper.stopped:
+        try:
+            if conn is None:
+                conn = _listen_connection(database_url, role)
+                if attempt:
+                    notice(f"reconnected; resuming after event {seen.last}")
+                attempt = 0
+            _drain(conn, seen, emit, stopper)
+            polled = time.monotonic()
+            while not stopper.stopped:
+                woken = any(True for _ in conn.notifies(timeout=0.5, stop_after=1))
+                if woken or time.monotonic() - polled >= poll_every_s:
+                    _drain(conn, seen, emit, stopper)
+                    polled = time.monotonic()
+        except CliError as exc:  # a reconnect failed
+            _lost(conn, stopper, notice, attempt, exc.message)
+            conn = None
+            attempt += 1
+        except psycopg.Error as exc:
+            if not _is_connection_error(exc):
+                if conn is not None:
+                    conn.close()
+                raise
+            _lost(conn, stopper, notice, attempt, f"connection lost ({_first_line(exc)})")
+            conn = None
+            attempt += 1
+    if conn is not None:
+        conn.close()
+    return seen.last
+
+
+def event_record(event_id: int, payload: Any) -> dict[str, Any]:
+    """``{"event_id": N, ...payload}``: one line of ``bulk-sync listen``."""
+    record: dict[str, Any] = {"event_id": event_id}
+    if isinstance(payload, dict):
+        record.update((k, v) for k, v in payload.items() if k != "event_id")
+    else:
+        record["payload"] = payload
+    return record
 
 
 def listen(
@@ -129,38 +204,20 @@ def listen(
     notice: Callable[[str], None] | None = None,
 ) -> int:
     """Print every event after ``after``, then follow live until stopped; return the last id."""
-    out = out or sys.stdout
-    stopper = stopper or Stopper()
-    notice = notice or (lambda message: print(f"bulk-sync: {message}", file=sys.stderr, flush=True))
-    seen = _Cursor(after)
-    conn: psycopg.Connection | None = _listen_connection(database_url)  # first failure: exit 3
-    attempt = 0
-    while not stopper.stopped:
-        try:
-            if conn is None:
-                conn = _listen_connection(database_url)
-                notice(f"reconnected; resuming after event {seen.last}")
-                attempt = 0
-            _drain(conn, seen, out, stopper)
-            polled = time.monotonic()
-            while not stopper.stopped:
-                woken = any(True for _ in conn.notifies(timeout=0.5, stop_after=1))
-                if woken or time.monotonic() - polled >= SAFETY_POLL_S:
-                    _drain(conn, seen, out, stopper)
-                    polled = time.monotonic()
-        except CliError as exc:  # a reconnect failed (the first connection was fine)
-            _lost(conn, stopper, notice, attempt, exc.message)
-            conn = None
-            attempt += 1
-        except psycopg.Error as exc:
-            if not _is_connection_error(exc):
-                raise
-            _lost(conn, stopper, notice, attempt, f"connection lost ({_first_line(exc)})")
-            conn = None
-            attempt += 1
-    if conn is not None:
-        conn.close()
-    return seen.last
+    stream = out or sys.stdout
+
+    def emit(rows: list[Row]) -> None:
+        stream.writelines(dumps(event_record(*row)) + "\n" for row in rows)
+        stream.flush()
+
+    return follow(
+        database_url,
+        after,
+        emit,
+        stopper=stopper or Stopper(),
+        notice=notice
+        or (lambda message: print(f"bulk-sync: {message}", file=sys.stderr, flush=True)),
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -181,28 +238,31 @@ def _lost(
     stopper.sleep(delay)
 
 
-def _listen_connection(database_url: str) -> psycopg.Connection:
+def _listen_connection(database_url: str, role: str | None = None) -> psycopg.Connection:
     conn = connect(database_url, autocommit=True, application_name=f"{APP_NAME} listen")
-    conn.execute(f"LISTEN {CHANNEL}")
+    try:
+        if role is not None:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        conn.execute(f"LISTEN {CHANNEL}")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def _drain(conn: psycopg.Connection, seen: _Cursor, out: TextIO, stopper: Stopper) -> None:
-    """Print every event after ``seen.last``, page by page."""
+def _drain(
+    conn: psycopg.Connection, seen: _Cursor, emit: Callable[[list[Row]], None], stopper: Stopper
+) -> None:
+    """Hand on every event after ``seen.last``, page by page."""
     while not stopper.stopped:
         rows = conn.execute(
             "SELECT event_id, payload FROM bulk_sync.events_since(%s, %s)",
             (seen.last, CATCH_UP_LIMIT),
         ).fetchall()
-        for event_id, payload in rows:
-            record = {"event_id": event_id}
-            if isinstance(payload, dict):
-                record.update((k, v) for k, v in payload.items() if k != "event_id")
-            else:
-                record["payload"] = payload
-            out.write(dumps(record) + "\n")
-            seen.last = max(seen.last, int(event_id))
-        out.flush()
+        if rows:
+            page = [(int(event_id), payload) for event_id, payload in rows]
+            emit(page)
+            seen.last = max(seen.last, page[-1][0])
         if len(rows) < CATCH_UP_LIMIT:
             return
 

@@ -19,6 +19,10 @@ Targets (docs/PERFORMANCE.md explains each baseline):
     T3  one 10,000-action bulk_backfill call on an empty ledger vs on a ledger of 1,000,000 actions
     T4  reconcile() vs a bare SELECT sum(...) over the counted actions (5,000,000 actions)
     T5  leaderboard top 10 and user_rank among 1,000,000 users, with their plans (auto_explain)
+    T6  (``--only 6``) POST /api/actions/log through ``bulk-sync serve`` driven by wrk
+        (tests/bench/http_log.lua: 64 keep-alive connections, a new verified action per request)
+        vs pgbench calling log_action at 32 clients, rounds interleaved; median req/s and p99.
+        Needs the serve extra and wrk.
 
 Performance is reported, never asserted. The exit status is non-zero only when a run fails or an
 exactness check fails: after every workload the global total, the sum of user_stats, the sum of
@@ -36,12 +40,14 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -476,8 +482,16 @@ class PgbenchResult:
 
 
 def run_pgbench(
-    cluster: Cluster, dbname: str, script: Path, clients: int, seconds: int, users: int
+    cluster: Cluster,
+    dbname: str,
+    script: Path,
+    clients: int,
+    seconds: int,
+    users: int,
+    log_dir: Path | None = None,
 ) -> PgbenchResult:
+    """One pgbench run; with ``log_dir``, per-transaction logs (-l) are written there."""
+    logging = ["-l", f"--log-prefix={log_dir / 'pgbench_log'}"] if log_dir else []
     cmd = [
         str(PG_BIN / "pgbench"),
         "-n",
@@ -491,6 +505,7 @@ def run_pgbench(
         str(seconds),
         "-D",
         f"users={users}",
+        *logging,
         *cluster.conninfo_args(),
         dbname,
     ]
@@ -1298,6 +1313,240 @@ def indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
+# --------------------------------------------------------------------------- T6: HTTP API
+
+HTTP_CONNECTIONS = 64
+HTTP_BASELINE_CLIENTS = 32
+HTTP_POOL_SIZE = 32  # database connections per server worker, as many as pgbench's clients
+HTTP_WORKERS = (1, 2)
+WRK_SCRIPT = Path(__file__).resolve().parent / "http_log.lua"
+HTTP_TOKEN = "bench-writer-token"
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    ok: int  # 2xx responses
+    errors: int  # other responses and socket errors
+    p99_ms: float
+
+
+def run_wrk(base: str, seconds: int, nonce: int, users: int, lbs: str) -> WrkResult:
+    cmd = [
+        "wrk",
+        "-t",
+        "2",
+        "-c",
+        str(HTTP_CONNECTIONS),
+        "-d",
+        f"{seconds}s",
+        "--latency",
+        "-s",
+        str(WRK_SCRIPT),
+        f"{base}/api/actions/log",
+        "--",
+        str(nonce),
+        str(users),
+        lbs,
+        HTTP_TOKEN,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = done.stdout + done.stderr
+    requests = re.search(r"^\s*(\d+) requests in", out, re.M)
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+([0-9.]+)(us|ms|s)\s*$", out, re.M)
+    if done.returncode != 0 or not requests or not rps or not p99:
+        raise RuntimeError(f"wrk failed (exit {done.returncode}):\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
+        sum(int(n) for n in sockets.groups()) if sockets else 0
+    )
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    total = int(requests.group(1))
+    return WrkResult(float(rps.group(1)), total - errors, errors, float(p99.group(1)) * scale)
+
+
+def pgbench_p99_ms(log_dir: Path) -> float:
+    """The 99th percentile latency of pgbench's per-transaction logs (-l), in ms."""
+    latencies = sorted(
+        int(line.split()[2])
+        for path in log_dir.glob("pgbench_log.*")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    )
+    for path in log_dir.glob("pgbench_log.*"):
+        path.unlink()
+    if not latencies:
+        return float("nan")
+    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+
+
+@contextmanager
+def http_server(url: str, workers: int) -> Iterator[str]:
+    """``bulk-sync serve`` from this checkout on a free loopback port; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT / "runner"),
+        "BULK_SYNC_WRITER_TOKEN": HTTP_TOKEN,
+        "BULK_SYNC_ADMIN_TOKEN": HTTP_TOKEN + "-admin",
+    }
+    cmd = [sys.executable, "-m", "bulk_sync", "--database-url", url, "serve"]
+    cmd += ["--port", str(port), "--workers", str(workers), "--pool-size", str(HTTP_POOL_SIZE)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bulk-sync serve exited: {proc.stderr.read().decode()}")
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("bulk-sync serve did not become healthy within 60 s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler) -> None:
+    say(
+        f"\n== T6 POST /api/actions/log (wrk, {HTTP_CONNECTIONS} keep-alive connections, server "
+        f"pool {HTTP_POOL_SIZE}) vs log_action (pgbench, {HTTP_BASELINE_CLIENTS} clients); "
+        f"{sizes.t1_users:,} users, {sizes.pgbench_rounds} x {sizes.pgbench_seconds} s per figure"
+    )
+    url = create_db(cluster, "t6")
+    users = sizes.t1_users
+    lbs, lbs_micro = "12.345678", 12_345_678
+    # Every user starts with one verified action, as in T1.
+    pre_sql = "((u * 7919) % 100000000 / 1000000.0)::numeric(30,6)"
+    execute(
+        url,
+        f"""
+        INSERT INTO bulk_sync.user_actions
+               (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
+        SELECT gen_random_uuid(), {user_sql("u")}, {pre_sql}, true, now(), now() - interval '1 day'
+          FROM generate_series(1, {users}) AS u
+        """,
+        "VACUUM ANALYZE",
+    )
+    pre_micro = sum((u * 7919) % 100_000_000 for u in range(1, users + 1))
+    # The baseline calls the positional log_action, as T1 does; the jsonb form (what the server
+    # calls with the request body) is measured beside it for reference.
+    json_call = (
+        "SELECT bulk_sync.log_action(jsonb_build_object('action_id', gen_random_uuid(),"
+        f" 'user_id', {user_sql(':u')}, 'lbs', '{lbs}', 'logged_at', '2025-01-01T00:00:00Z',"
+        " 'verified', true));\n"
+    )
+    scripts = {
+        "log_action": pgbench_scripts(lbs)["log_action"],
+        "log_action(jsonb)": PGBENCH_HEADER + json_call,
+    }
+    log_dir = cluster.workdir / "t6-logs"
+    log_dir.mkdir()
+
+    base: dict[str, list[PgbenchResult]] = {name: [] for name in scripts}
+    base_p99: dict[str, list[float]] = {name: [] for name in scripts}
+    http: dict[int, list[WrkResult]] = {w: [] for w in HTTP_WORKERS}
+    profiler.reset(url)
+    for rnd in range(sizes.pgbench_rounds):
+        for name, text in scripts.items():
+            path = cluster.workdir / f"t6-{len(base[name])}-{name.replace('(', '-')[:12]}.sql"
+            path.write_text(text)
+            execute(url, "CHECKPOINT")
+            result = run_pgbench(
+                cluster, "t6", path, HTTP_BASELINE_CLIENTS, sizes.pgbench_seconds, users, log_dir
+            )
+            base[name].append(result)
+            base_p99[name].append(pgbench_p99_ms(log_dir))
+            say(
+                f"  round {rnd + 1}: pgbench {name}, {HTTP_BASELINE_CLIENTS} clients: "
+                f"{result.tps:,.0f} tps, p99 {base_p99[name][-1]:,.1f} ms (load {loadavg()})"
+            )
+        for workers in HTTP_WORKERS:
+            with http_server(cluster.url("t6"), workers) as server:
+                execute(url, "CHECKPOINT")
+                nonce = rnd * 16 + workers
+                got = run_wrk(server, sizes.pgbench_seconds, nonce, users, lbs)
+            http[workers].append(got)
+            say(
+                f"  round {rnd + 1}: HTTP, {workers} worker(s): {got.rps:,.0f} requests/s, "
+                f"p99 {got.p99_ms:,.1f} ms, {got.ok:,} ok, {got.errors} errors (load {loadavg()})"
+            )
+    profiler.show(url, "T6")
+
+    # Requests in flight when wrk stops may commit without wrk counting them: the ledger holds
+    # at least the 2xx responses and at most one more per connection and run.
+    base_rows = sum(r.transactions for runs in base.values() for r in runs)
+    stored = scalar(url, "SELECT count(*) FROM bulk_sync.user_actions") - users - base_rows
+    answered = sum(r.ok for runs in http.values() for r in runs)
+    slack = HTTP_CONNECTIONS * sum(len(runs) for runs in http.values())
+    report.check(
+        "T6 HTTP answers",
+        answered <= stored <= answered + slack
+        and all(r.errors == 0 for v in http.values() for r in v),
+        f"{answered:,} 2xx responses <= {stored:,} stored <= {answered + slack:,}; "
+        f"errors {sum(r.errors for v in http.values() for r in v)}",
+    )
+    counted = users + base_rows + stored
+    check_ledger(
+        report,
+        url,
+        "T6 log_action over HTTP",
+        amount(pre_micro + (counted - users) * lbs_micro),
+        counted,
+    )
+
+    def median_tps(name: str) -> float:
+        return statistics.median(r.tps for r in base[name])
+
+    baseline = median_tps("log_action")
+    against = (
+        f"pgbench log_action {HTTP_BASELINE_CLIENTS} clients {fmt_rate(baseline, 'tps')} "
+        f"(p99 {statistics.median(base_p99['log_action']):,.1f} ms)"
+    )
+    for workers, runs in http.items():
+        rps = statistics.median(r.rps for r in runs)
+        p99 = statistics.median(r.p99_ms for r in runs)
+        report.add(
+            Row(
+                "T6",
+                f"HTTP log, {workers} worker(s), {HTTP_CONNECTIONS} connections",
+                f"{fmt_rate(rps, 'req/s')} (p99 {p99:,.1f} ms)",
+                against,
+                rps / baseline,
+                "≥ 0.50",
+                rps / baseline >= 0.5,
+            )
+        )
+    as_json = median_tps("log_action(jsonb)")
+    report.add(
+        Row(
+            "T6",
+            f"pgbench log_action(jsonb), {HTTP_BASELINE_CLIENTS} clients (reference)",
+            f"{fmt_rate(as_json, 'tps')} "
+            f"(p99 {statistics.median(base_p99['log_action(jsonb)']):,.1f} ms)",
+            against,
+            as_json / baseline,
+        )
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1389,7 +1638,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, well under a minute")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the row counts")
     parser.add_argument("--seconds", type=int, help="pgbench seconds per round (T1)")
-    parser.add_argument("--only", default="1,2,3,4,5", help="targets to run, e.g. 1,4")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5", help="targets to run, e.g. 1,4 (6: the HTTP API)"
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -1430,6 +1681,8 @@ def main(argv: list[str] | None = None) -> int:
                 target_3(cluster, sizes, report, profiler, big_url)
             if 4 in only or 5 in only:
                 target_4_5(cluster, sizes, report, profiler)
+            if 6 in only:
+                target_6(cluster, sizes, report, profiler)
     except KeyboardInterrupt:
         print("interrupted; the cluster was stopped", file=sys.stderr)
         return 130

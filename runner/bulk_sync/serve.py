@@ -1,0 +1,913 @@
+"""``bulk-sync serve``: the HTTP API of the contract (§7), a thin layer over the SQL functions.
+
+- ``ROUTES`` maps each path to one SQL statement calling one function of ``bulk_sync``; the
+  function's jsonb comes back as text and is the response body, unchanged (amounts stay strings).
+- The request body goes to SQL as the client sent it (``::jsonb``). Python checks only what
+  HTTP owns: the token, the content type, the size, that the body is a JSON object, and the
+  uuids, integers and timestamps in the path and query. Every other rule is the SQL's.
+- ``STATUS_BY_SQLSTATE`` maps SQLSTATEs to statuses; ``database_error`` is the one place that
+  turns a psycopg error into the error body ``{"error": {"code", "message", "detail", "hint"}}``.
+- Each request is one transaction that first runs ``SET LOCAL ROLE`` to the endpoint's
+  ``bulk_sync_*`` role (``bulk_sync_admin`` for an admin token), so PostgreSQL checks the
+  boundary a second time. The login role must be a member of the three roles.
+- ``GET /api/events/stream`` is fed by one ``events.follow`` per process (``EventHub``) in a
+  thread; each client first catches up from the database through the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+import psycopg
+from psycopg import AsyncClientCursor
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from bulk_sync import events
+from bulk_sync.db import APP_NAME, MIGRATE_HINT, connect
+from bulk_sync.jsonutil import dumps, loads
+
+log = logging.getLogger("bulk_sync.serve")
+
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_POOL_SIZE = 10
+POOL_TIMEOUT_S = 5.0  # waiting longer for a connection than this answers 503
+RETRY_AFTER_S = "2"
+EVENT_PAGE = 1000
+HUB_POLL_S = 0.5  # the server publishes and reads events itself at least this often
+HEARTBEAT_S = 15.0
+MAX_PENDING_PAGES = 1000  # a stream client this far behind is dropped; it resumes on reconnect
+INT4_MAX = 2**31 - 1
+
+READER, WRITER, ADMIN = 1, 2, 3
+ROLE = {READER: "bulk_sync_reader", WRITER: "bulk_sync_writer", ADMIN: "bulk_sync_admin"}
+ROLE_HINT = (
+    "PostgreSQL refused a privilege of the request's role: the login role of bulk-sync serve "
+    "must be a member of bulk_sync_reader, bulk_sync_writer and bulk_sync_admin"
+)
+SET_ROLE = {level: f"SET LOCAL ROLE {role}" for level, role in ROLE.items()}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    reader_token: str | None = None
+    writer_token: str | None = None
+    admin_token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    pool_size: int = DEFAULT_POOL_SIZE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """DATABASE_URL, BULK_SYNC_{READER,WRITER,ADMIN}_TOKEN, BULK_SYNC_MAX_BODY_BYTES and
+        BULK_SYNC_POOL_SIZE (how ``bulk-sync serve`` hands its options to every worker)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            database_url=env.get("DATABASE_URL", ""),
+            reader_token=env.get("BULK_SYNC_READER_TOKEN") or None,
+            writer_token=env.get("BULK_SYNC_WRITER_TOKEN") or None,
+            admin_token=env.get("BULK_SYNC_ADMIN_TOKEN") or None,
+            max_body_bytes=int(env.get("BULK_SYNC_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES),
+            pool_size=int(env.get("BULK_SYNC_POOL_SIZE") or DEFAULT_POOL_SIZE),
+        )
+
+    @property
+    def any_token(self) -> bool:
+        return any((self.reader_token, self.writer_token, self.admin_token))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_problem(settings: Settings, host: str) -> str | None:
+    """Why the server must not start on ``host`` with these tokens, or None."""
+    if is_loopback(host):
+        return None
+    if not settings.any_token:
+        return (
+            f"no token is set, so serve listens only on a loopback host, not {host}; set "
+            "BULK_SYNC_WRITER_TOKEN and BULK_SYNC_ADMIN_TOKEN (and BULK_SYNC_READER_TOKEN "
+            "to protect reads)"
+        )
+    missing = [
+        name
+        for name, value in (
+            ("BULK_SYNC_WRITER_TOKEN", settings.writer_token),
+            ("BULK_SYNC_ADMIN_TOKEN", settings.admin_token),
+        )
+        if not value
+    ]
+    if missing:
+        return f"serving on {host} needs {' and '.join(missing)}"
+    return None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, in the contract's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: str | None = None,
+        hint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        body = {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "detail": self.detail,
+                "hint": self.hint,
+            }
+        }
+        return Response(
+            dumps(body), self.status, headers=self.headers, media_type="application/json"
+        )
+
+
+def bad_input(message: str, detail: str | None = None) -> ApiError:
+    return ApiError(400, "BS001", message, detail)
+
+
+def unavailable(message: str, hint: str | None = None) -> ApiError:
+    return ApiError(503, "unavailable", message, None, hint, {"Retry-After": RETRY_AFTER_S})
+
+
+# SQLSTATE (or its two-character class) -> HTTP status.
+STATUS_BY_SQLSTATE: dict[str, int] = {
+    "BS001": 400,  # invalid input
+    "BS002": 409,  # the same action_id with other facts
+    "BS003": 422,  # an idempotency key reused with other actions
+    "BS004": 404,  # an unknown action
+    "BS005": 413,  # a batch over the per-call limit
+    "BS006": 409,  # not allowed in the action's state
+    "22003": 422,  # numeric_value_out_of_range: a total would overflow NUMERIC(30,6)
+    "22": 400,  # any other data exception (a body PostgreSQL cannot read as jsonb)
+    "08": 503,  # connection exceptions
+    "53300": 503,  # too_many_connections
+    "57P01": 503,  # admin_shutdown
+    "57P02": 503,  # crash_shutdown
+    "57P03": 503,  # cannot_connect_now
+    "40001": 503,  # serialization_failure: retry
+    "40P01": 503,  # deadlock_detected: retry
+    "3F000": 503,  # invalid_schema_name: not migrated
+    "42883": 503,  # undefined_function: not migrated (or an older schema)
+    "42P01": 503,  # undefined_table: not migrated
+}
+CODE_BY_STATUS = {400: "BS001", 403: "forbidden", 404: "not_found", 503: "unavailable"}
+CONTRACT_CODES = {"22003"}  # SQLSTATEs outside class BS that the contract names as codes
+
+
+def database_error(exc: psycopg.Error | PoolTimeout) -> ApiError:
+    """The one translation of a database failure into the contract's status and error body."""
+    state = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc, PoolTimeout) or (isinstance(exc, psycopg.OperationalError) and not state):
+        return unavailable("the database cannot be reached")
+    status = STATUS_BY_SQLSTATE.get(state) or STATUS_BY_SQLSTATE.get(state[:2]) or 500
+    if state.startswith("BS") or state in CONTRACT_CODES:
+        code = state
+    else:
+        code = CODE_BY_STATUS.get(status, "internal")
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip() or type(exc).__name__
+    hint = diag.message_hint
+    if state in ("3F000", "42883", "42P01"):
+        hint = MIGRATE_HINT
+    elif state == "42501":  # the HTTP layer allowed what PostgreSQL refused: a setup problem
+        hint = ROLE_HINT
+    if status == 500:
+        log.error("database error %s: %s", state, message)
+        message = f"database error {state}: {message}"
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    return ApiError(status, code, message, diag.message_detail, hint, headers)
+
+
+# --------------------------------------------------------------------------- request inputs
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+Param = Callable[[Request], dict[str, Any]]
+
+
+def path_uuid(name: str) -> Param:
+    def read(request: Request) -> dict[str, Any]:
+        value = request.path_params[name]
+        if not _UUID.fullmatch(value):
+            raise bad_input(f"{name} must be a uuid", f"{name}: {value}")
+        return {name: uuid.UUID(value)}
+
+    return read
+
+
+def query_int(name: str, default: int) -> Param:
+    def read(request: Request) -> dict[str, Any]:
+        text = request.query_params.get(name)
+        if text is None:
+            return {name: default}
+        if not re.fullmatch(r"-?[0-9]{1,10}", text) or abs(int(text)) > INT4_MAX:
+            raise bad_input(f"{name} must be an integer", f"{name}: {text}")
+        return {name: int(text)}
+
+    return read
+
+
+def query_time(name: str) -> Param:
+    """An optional ISO 8601 timestamp with a zone offset; also ``{name}_text``, in UTC with a Z."""
+
+    def read(request: Request) -> dict[str, Any]:
+        text = request.query_params.get(name)
+        if text is None:
+            return {name: None, f"{name}_text": None}
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise bad_input(f"{name} must be an ISO 8601 timestamp", f"{name}: {text}") from None
+        if value.tzinfo is None:
+            raise bad_input(f"{name} must have a zone offset (Z or +hh:mm)", f"{name}: {text}")
+        iso = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return {name: value, f"{name}_text": iso}
+
+    return read
+
+
+def header(name: str, key: str) -> Param:
+    def read(request: Request) -> dict[str, Any]:
+        return {key: request.headers.get(name)}
+
+    return read
+
+
+# --------------------------------------------------------------------------- the route table
+
+NO_BODY, BODY, OPTIONAL_BODY = "none", "required", "optional"
+
+# to_char for a timestamptz as the functions format one (bulk_sync._iso is not granted).
+ISO = (
+    "CASE WHEN date_trunc('second', {0}) = {0}"
+    " THEN to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+    " ELSE to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END"
+)
+
+
+@dataclass(frozen=True)
+class Api:
+    """One endpoint: a method and path, the level it needs, and the one statement it runs.
+
+    The statement returns one text column (the JSON body). ``missing`` is the 404 message
+    when it returns no row (or an empty array).
+    """
+
+    method: str
+    path: str
+    needs: int
+    sql: str
+    body: str = NO_BODY
+    params: tuple[Param, ...] = ()
+    missing: str | None = None
+
+
+ROUTES: tuple[Api, ...] = (
+    Api(
+        "POST",
+        "/api/actions/log",
+        WRITER,
+        "SELECT bulk_sync.log_action(%(body)s::jsonb)::text",
+        BODY,
+    ),
+    Api(
+        "POST",
+        "/api/actions/bulk_backfill",
+        WRITER,
+        # The Idempotency-Key header is used when the body has no idempotency_key.
+        "SELECT bulk_sync.bulk_backfill(CASE WHEN %(key)s::text IS NULL OR b ? 'idempotency_key'"
+        " THEN b ELSE b || jsonb_build_object('idempotency_key', %(key)s::text) END)::text"
+        " FROM (SELECT %(body)s::jsonb AS b) AS r",
+        BODY,
+        (header("Idempotency-Key", "key"),),
+    ),
+    Api(
+        "POST",
+        "/api/actions/reconcile",
+        ADMIN,
+        "SELECT bulk_sync.reconcile(%(body)s::jsonb)::text",
+        OPTIONAL_BODY,
+    ),
+    Api(
+        "POST",
+        "/api/actions/{action_id}/verify",
+        WRITER,
+        "SELECT bulk_sync.verify_action(%(action_id)s, %(body)s::jsonb ->> 'performed_by')::text",
+        OPTIONAL_BODY,
+        (path_uuid("action_id"),),
+    ),
+    Api(
+        "POST",
+        "/api/actions/{action_id}/revoke",
+        WRITER,
+        "SELECT bulk_sync.revoke_action(%(action_id)s, b ->> 'reason', b ->> 'performed_by')::text"
+        " FROM (SELECT %(body)s::jsonb AS b) AS r",
+        OPTIONAL_BODY,
+        (path_uuid("action_id"),),
+    ),
+    Api(
+        "GET",
+        "/api/totals",
+        READER,
+        # The current total is read from global_emissions (§2): global_total(NULL) calls a
+        # helper that bulk_sync_reader may not execute.
+        "SELECT jsonb_build_object('global_total_lbs', (CASE WHEN %(as_of)s::timestamptz IS NULL"
+        " THEN (SELECT g.total_lbs_saved FROM bulk_sync.global_emissions AS g WHERE g.id = 1)"
+        " ELSE bulk_sync.global_total(%(as_of)s) END)::text,"
+        " 'as_of', %(as_of_text)s::text)::text",
+        params=(query_time("as_of"),),
+    ),
+    Api(
+        "GET",
+        "/api/users/{user_id}",
+        READER,
+        # With as_of, total_lbs is the total as of then; rank, action_count and
+        # last_action_at are the user's current ones.
+        "SELECT jsonb_build_object('user_id', r.user_id,"
+        " 'total_lbs', (CASE WHEN %(as_of)s::timestamptz IS NULL THEN r.total_lbs"
+        " ELSE bulk_sync.user_total(r.user_id, %(as_of)s) END)::text,"
+        " 'action_count', r.action_count, 'rank', r.rank,"
+        f" 'last_action_at', {ISO.format('r.last_action_at')})::text"
+        " FROM bulk_sync.user_rank(%(user_id)s) AS r",
+        params=(path_uuid("user_id"), query_time("as_of")),
+        missing="unknown user: no counted action",
+    ),
+    Api(
+        "GET",
+        "/api/leaderboard",
+        READER,
+        "SELECT bulk_sync.leaderboard_json(%(limit)s, %(offset)s)::text",
+        params=(query_int("limit", 10), query_int("offset", 0)),
+    ),
+    Api(
+        "GET",
+        "/api/leaderboard/around/{user_id}",
+        READER,
+        "SELECT jsonb_agg(jsonb_build_object('rank', a.rank, 'user_id', a.user_id,"
+        " 'total_lbs', a.total_lbs::text) ORDER BY a.rank)::text"
+        " FROM bulk_sync.leaderboard_around(%(user_id)s, %(radius)s) AS a",
+        params=(path_uuid("user_id"), query_int("radius", 2)),
+        missing="unknown user: no counted action",
+    ),
+    Api(
+        "GET",
+        "/api/events",
+        READER,
+        "SELECT jsonb_build_object("
+        " 'events', coalesce(jsonb_agg(e.payload || jsonb_build_object('event_id', e.event_id)"
+        " ORDER BY e.event_id), '[]'),"
+        " 'last_event_id', coalesce(max(e.event_id), %(after)s))::text"
+        " FROM bulk_sync.events_since(%(after)s, %(limit)s) AS e",
+        params=(query_int("after", 0), query_int("limit", EVENT_PAGE)),
+    ),
+    Api("GET", "/api/status", READER, "SELECT bulk_sync.status()::text"),
+)
+
+EVENTS_PAGE_SQL = "SELECT event_id, payload::text FROM bulk_sync.events_since(%(after)s, %(limit)s)"
+HEALTH_SQL = "SELECT to_regprocedure('bulk_sync.status()') IS NOT NULL"
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def presented_token(request: Request) -> str | None:
+    """The bearer token of the request: the Authorization header, or on a GET the
+    ``access_token`` query parameter (RFC 6750 §2.3)."""
+    auth = request.headers.get("authorization")
+    if auth is not None:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the Authorization header must be 'Bearer <token>'",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_request"'},
+            )
+        return token.strip()
+    if request.method in ("GET", "HEAD"):
+        return request.query_params.get("access_token")
+    return None
+
+
+def token_level(settings: Settings, token: str) -> int:
+    """The highest level whose token equals ``token`` (constant-time compares), else 0."""
+    given = token.encode()
+    level = 0
+    for candidate, value in (
+        (READER, settings.reader_token),
+        (WRITER, settings.writer_token),
+        (ADMIN, settings.admin_token),
+    ):
+        if value is not None and hmac.compare_digest(given, value.encode()):
+            level = candidate
+    return level
+
+
+def authorize(settings: Settings, request: Request, needs: int) -> int:
+    """The level whose role the request runs under, or 401/403."""
+    token = presented_token(request)
+    level = token_level(settings, token) if token else 0
+    is_open = not settings.any_token or (needs == READER and not settings.reader_token)
+    if not is_open:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if token is None:
+            raise ApiError(401, "unauthorized", "a bearer token is required", headers=challenge)
+        if level == 0:
+            raise ApiError(401, "unauthorized", "unknown token", headers=challenge)
+        if level < needs:
+            raise ApiError(
+                403, "forbidden", f"this token may not use {request.method} {request.url.path}"
+            )
+    return ADMIN if level == ADMIN else needs
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def check_content_type(request: Request) -> None:
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        if request.headers.get("content-length", "0") in ("0", "") and (
+            "chunked" not in request.headers.get("transfer-encoding", "")
+        ):
+            return  # no body at all
+        raise ApiError(415, "unsupported_media_type", "the body must be application/json")
+    media, *params = (part.strip().lower() for part in ctype.split(";"))
+    charset = next(
+        (p.split("=", 1)[1].strip('" ') for p in params if p.startswith("charset=")), None
+    )
+    if media != "application/json" or charset not in (None, "utf-8", "utf8"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the body must be application/json (UTF-8)",
+            f"Content-Type: {ctype}",
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = ApiError(
+        413, "too_large", f"the body is over the limit of {limit} bytes", hint="Send less."
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_object_text(body: bytes, optional: bool) -> str:
+    """The body as the text that goes to SQL, once it is known to be one JSON object."""
+    if not body.strip() and optional:
+        return "{}"
+    try:
+        text = body.decode("utf-8")
+        value = loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad_input("the body is not valid JSON", str(exc)[:200]) from None
+    if not isinstance(value, dict):
+        kind = {list: "array", str: "string", bool: "boolean"}.get(type(value), "scalar")
+        raise bad_input("the body must be a JSON object", f"got a JSON {kind}")
+    return text
+
+
+# --------------------------------------------------------------------------- database calls
+
+
+async def run_json(
+    pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
+) -> Any:
+    """``SET LOCAL ROLE`` and the statement in one round trip: the statement's first column."""
+    rows = await _run(pool, level, sql, params)
+    return rows[0][0] if rows else None
+
+
+async def events_page(pool: AsyncConnectionPool, level: int, after: int) -> list[tuple[int, str]]:
+    rows = await _run(pool, level, EVENTS_PAGE_SQL, {"after": after, "limit": EVENT_PAGE})
+    return [(int(event_id), payload) for event_id, payload in rows]
+
+
+async def _run(
+    pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Both statements go as one simple query, which PostgreSQL runs as one transaction (so
+    SET LOCAL holds for the call and ends with it). The client-side cursor binds the values
+    as quoted literals; the body stays the text the client sent."""
+    try:
+        async with pool.connection() as conn:
+            cursor = AsyncClientCursor(conn)
+            await cursor.execute(f"{SET_ROLE[level]}; {sql}", params)
+            cursor.nextset()
+            return await cursor.fetchall()
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise database_error(exc) from exc
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def json_response(text: str, status: int = 200) -> Response:
+    return Response(text, status, media_type="application/json")
+
+
+def endpoint(api: Api) -> Callable[[Request], Any]:
+    async def handle(request: Request) -> Response:
+        state = request.app.state
+        level = authorize(state.settings, request, api.needs)
+        params: dict[str, Any] = {}
+        for read in api.params:
+            params.update(read(request))
+        if api.body != NO_BODY:
+            check_content_type(request)
+            body = await read_body(request, state.settings.max_body_bytes)
+            params["body"] = json_object_text(body, optional=api.body == OPTIONAL_BODY)
+        text = await run_json(state.pool, level, api.sql, params)
+        if text is None:
+            if api.missing is None:
+                raise ApiError(500, "internal", "the function returned nothing")
+            ids = ", ".join(f"{k}: {v}" for k, v in params.items() if k.endswith("_id"))
+            raise ApiError(404, "BS004", api.missing, ids or None)
+        return json_response(text)
+
+    handle.__name__ = f"{api.method.lower()}_{api.path}"
+    return handle
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    try:
+        migrated = await _migrated(state.pool)
+    except ApiError as exc:
+        return exc.response()
+    if not migrated:
+        return unavailable("the bulk_sync schema is not installed", MIGRATE_HINT).response()
+    if not state.hub.ready:
+        return unavailable("the event stream is not following yet").response()
+    return json_response('{"ok": true}')
+
+
+async def _migrated(pool: AsyncConnectionPool) -> bool:
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(HEALTH_SQL)
+            row = await cursor.fetchone()
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise database_error(exc) from exc
+    return bool(row and row[0])
+
+
+def sse_frame(event_id: int, data: str) -> str:
+    return f"id: {event_id}\ndata: {data}\n\n"
+
+
+async def stream(request: Request) -> Response:
+    """Server-Sent Events: everything after ``after`` (or Last-Event-ID), then live."""
+    state = request.app.state
+    level = authorize(state.settings, request, READER)
+    resume = request.headers.get("last-event-id")
+    if resume is not None and resume.strip():
+        if not resume.strip().isdigit():
+            raise bad_input("Last-Event-ID must be an event id", f"Last-Event-ID: {resume}")
+        after = int(resume)
+    else:
+        after = query_int("after", 0)(request)["after"]
+    if after < 0:
+        raise bad_input("after must be 0 or a previous event_id", f"after: {after}")
+    hub: EventHub = state.hub
+    if not hub.ready:
+        raise unavailable("the event stream is not following yet")
+    queue = hub.subscribe()
+    try:
+        first = await events_page(state.pool, level, after)
+    except BaseException:
+        hub.unsubscribe(queue)
+        raise
+
+    async def frames() -> AsyncIterator[str]:
+        last = after
+        page = first
+        try:
+            yield "retry: 1000\n\n"
+            while True:  # catch up from the database, then hand over to the hub
+                for event_id, payload in page:
+                    yield sse_frame(event_id, payload)
+                    last = event_id
+                if len(page) < EVENT_PAGE:
+                    break
+                page = await events_page(state.pool, level, last)
+            while True:
+                try:
+                    rows = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if rows is None:  # too far behind, or shutting down: the client resumes
+                    return
+                for event_id, payload in rows:
+                    if event_id > last:
+                        yield sse_frame(event_id, dumps(payload))
+                        last = event_id
+        except ApiError as exc:  # the database went away mid-stream: end it, the client resumes
+            log.warning("event stream ended after event %s: %s", last, exc.message)
+        finally:
+            hub.unsubscribe(queue)
+
+    return StreamingResponse(
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def static_file(name: str) -> bytes:
+    return (resources.files("bulk_sync") / "static" / name).read_bytes()
+
+
+async def page(request: Request) -> Response:
+    authorize(request.app.state.settings, request, READER)
+    return Response(
+        request.app.state.page,
+        media_type="text/html",
+        headers={"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"},
+    )
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+# --------------------------------------------------------------------------- live events
+
+
+@dataclass
+class EventHub:
+    """One ``events.follow`` per server process, in a thread, fanned out to stream clients.
+
+    It starts from the newest event (clients catch up from the database themselves) and, being
+    the shared follower, resumes after the last event it handed on across reconnects. A client
+    that subscribes before it reads from the database therefore misses nothing in between.
+    """
+
+    database_url: str
+    loop: asyncio.AbstractEventLoop
+    ready: bool = False
+    last: int | None = None
+    subscribers: set[asyncio.Queue[list[events.Row] | None]] = field(default_factory=set)
+    stopper: events.Stopper = field(default_factory=events.Stopper)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="bulk-sync events", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopper.stopped = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        for queue in list(self.subscribers):
+            queue.put_nowait(None)
+
+    def subscribe(self) -> asyncio.Queue[list[events.Row] | None]:
+        queue: asyncio.Queue[list[events.Row] | None] = asyncio.Queue()
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[list[events.Row] | None]) -> None:
+        self.subscribers.discard(queue)
+
+    # -- the follower thread
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self.stopper.stopped:
+            try:
+                if self.last is None:
+                    self.last = self._newest_event()
+                    self.loop.call_soon_threadsafe(setattr, self, "ready", True)
+                events.follow(
+                    self.database_url,
+                    self.last,
+                    self._emit,
+                    stopper=self.stopper,
+                    notice=lambda message: log.warning("event follower: %s", message),
+                    poll_every_s=HUB_POLL_S,
+                    role=ROLE[READER],
+                    retry_first=True,
+                )
+            except RuntimeError:  # the event loop is closed: the server is stopping
+                return
+            except Exception as exc:
+                delay = events._backoff(attempt)
+                log.warning("event follower: %s; retrying in %gs", _one_line(exc), delay)
+                self.stopper.sleep(delay)
+                attempt += 1
+
+    def _newest_event(self) -> int:
+        with connect(self.database_url, application_name=f"{APP_NAME} serve") as conn:
+            conn.execute(f"SET ROLE {ROLE[READER]}")
+            row = conn.execute("SELECT coalesce(max(event_id), 0) FROM bulk_sync.events").fetchone()
+        return int(row[0])
+
+    def _emit(self, rows: list[events.Row]) -> None:
+        self.last = rows[-1][0]
+        self.loop.call_soon_threadsafe(self._dispatch, rows)
+
+    def _dispatch(self, rows: list[events.Row]) -> None:
+        for queue in list(self.subscribers):
+            if queue.qsize() >= MAX_PENDING_PAGES:
+                self.subscribers.discard(queue)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(rows)
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", "; ", str(exc).strip()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- the app
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = ApiError(404, "not_found", f"no such path: {request.url.path}")
+    elif exc.status_code == 405:
+        error = ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}",
+            headers=exc.headers,
+        )
+    else:
+        error = ApiError(exc.status_code, "http_error", str(exc.detail))
+    return error.response()
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError(500, "internal", "internal error").response()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI application (``uvicorn --factory bulk_sync.serve:create_app``)."""
+    settings = settings or Settings.from_env()
+    if not settings.database_url:
+        raise RuntimeError("DATABASE_URL is not set")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(
+            settings.database_url,
+            min_size=min(2, settings.pool_size),
+            max_size=settings.pool_size,
+            kwargs={"autocommit": True, "application_name": f"{APP_NAME} serve"},
+            timeout=POOL_TIMEOUT_S,
+            open=False,
+        )
+        await pool.open(wait=False)
+        hub = EventHub(settings.database_url, asyncio.get_running_loop())
+        hub.start()
+        app.state.pool, app.state.hub = pool, hub
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(hub.stop)
+            await pool.close()
+
+    routes = [Route(api.path, endpoint(api), methods=[api.method]) for api in ROUTES]
+    routes += [
+        Route("/api/events/stream", stream, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: http_error,
+            ApiError: api_error,
+            Exception: internal_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.page = static_file("index.html")
+    app.state.openapi = static_file("openapi.json")
+    return app
+
+
+# --------------------------------------------------------------------------- uvicorn
+
+
+class RedactTokens(logging.Filter):
+    """Replaces the value of any ``access_token`` query parameter in uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3:
+            args = list(record.args)
+            args[2] = redact(str(args[2]))
+            record.args = tuple(args)
+        return True
+
+
+def redact(path: str) -> str:
+    """``/x?access_token=secret&a=1`` -> ``/x?access_token=[redacted]&a=1``."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for part in query.split("&"):
+        key = part.split("=", 1)[0]
+        if unquote_plus(key).strip() == "access_token":
+            part = f"{key}={quote('[redacted]', safe='[]')}"
+        parts.append(part)
+    return base + "?" + "&".join(parts)
+
+
+def log_config() -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact_tokens": {"()": "bulk_sync.serve.RedactTokens"}}
+    config["handlers"]["access"]["filters"] = ["redact_tokens"]
+    config["loggers"]["bulk_sync"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["psycopg"] = {"handlers": ["default"], "level": "WARNING", "propagate": False}
+    return config
+
+
+def run(
+    database_url: str, host: str, port: int, workers: int, pool_size: int
+) -> None:  # pragma: no cover - exercised through the CLI in tests
+    """Serve until SIGINT/SIGTERM. The workers read their settings from the environment."""
+    import uvicorn
+
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["BULK_SYNC_POOL_SIZE"] = str(pool_size)
+    uvicorn.run(
+        "bulk_sync.serve:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=log_config(),
+        server_header=False,
+        timeout_graceful_shutdown=3,
+    )
