@@ -59,10 +59,13 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def one_error_line(stderr: str) -> str:
+    """The one error line, last on stderr after any progress notes; no traceback."""
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("bulk-sync: error: "), lines[0]
-    return lines[0]
+    errors = [line for line in lines if line.startswith("bulk-sync: error: ")]
+    assert len(errors) == 1, stderr
+    assert lines[-1] == errors[0], stderr
+    assert "Traceback" not in stderr
+    return errors[0]
 
 
 def make_home() -> Path:

