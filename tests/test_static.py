@@ -12,8 +12,12 @@ from collections import Counter
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from helpers import connect
+
+# plpgsql_check is a C extension built per major version (Debian: postgresql-15-plpgsql-check).
+pytestmark = pytest.mark.plpgsql_check
 
 ALLOW_LIST = Path(__file__).resolve().parent / "plpgsql_check.allow"
 

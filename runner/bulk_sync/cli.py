@@ -423,12 +423,16 @@ def _last_run(run: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON from bulk_sync.status().")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show totals, the last reconcile and pending events."""
-    result = call_json(_settings(ctx).url(), "SELECT bulk_sync.status()")
+    """Show the database, totals, the last reconcile and pending events."""
+    settings = _settings(ctx)
+    with connect(settings.url()) as conn:
+        result = conn.execute("SELECT bulk_sync.status()").fetchone()[0]
+        version = _server_version(conn)
     if as_json:
         _print_json(result)
         return
     width = max(len(label) for _, label in STATUS_LABELS) + 1
+    click.echo(f"{'database:':<{width}} {_describe(settings, version)}")
     shown = set()
     for key, label in STATUS_LABELS:
         shown.add(key)
@@ -511,18 +515,31 @@ def db_url() -> None:
 @db.command(name="stop")
 def db_stop() -> None:
     """Stop the embedded default database."""
-    if embedded.stop():
-        click.echo(f"stopped the embedded database in {embedded.home()}")
+    stopped = embedded.stop()
+    if stopped:
+        click.echo(f"stopped the embedded database in {', '.join(map(str, stopped))}")
     else:
         click.echo(f"the embedded database in {embedded.home()} is not running")
 
 
-def _describe(settings: Settings) -> str:
-    if not settings.database_url and not os.environ.get("DATABASE_URL"):
-        return f"embedded default in {embedded.home()}"
+def _server_version(conn: psycopg.Connection) -> str:
+    """The connected server's version as it reports it (``18.6``)."""
+    reported = conn.info.parameter_status("server_version") or "unknown"
+    return reported.split()[0]
+
+
+def _describe(settings: Settings, version: str) -> str:
+    """Which database a command used, and which PostgreSQL serves it."""
+    running = embedded.current()
+    if running is not None and settings.url() == embedded.url():
+        server = running.server
+        return (
+            f"embedded default in {running.datadir}: PostgreSQL {version} {server.source}"
+            f" ({server.bindir})"
+        )
     info = conninfo_to_dict(settings.url())
     host = info.get("host") or "localhost"
-    return f"{info.get('dbname') or '(default)'} on {host}"
+    return f"{info.get('dbname') or '(default)'} on {host}: PostgreSQL {version}"
 
 
 @main.command()
@@ -542,6 +559,7 @@ def demo(ctx: click.Context) -> None:
     with open(seed, "rb") as handle:
         users = sorted({action["user_id"] for action in loads(handle.read())["actions"]})
     with connect(url) as conn:
+        version = _server_version(conn)
         total = conn.execute(
             "SELECT total_lbs_saved::text FROM bulk_sync.global_emissions WHERE id = 1"
         ).fetchone()[0]
@@ -552,7 +570,7 @@ def demo(ctx: click.Context) -> None:
                 (users,),
             ).fetchall()
         )
-    click.echo(f"database: {_describe(settings)}")
+    click.echo(f"database: {_describe(settings, version)}")
     click.echo(f"loaded {loaded['rows']} seed actions from {seed.name} (idempotent by action_id)")
     click.echo("")
     click.echo(f"global total lbs: {total}")

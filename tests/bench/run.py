@@ -4,6 +4,8 @@
     python3 tests/bench/run.py              # the full run recorded in docs/PERFORMANCE.md
     python3 tests/bench/run.py --quick      # a smoke run, well under a minute
     python3 tests/bench/run.py --scale 0.2  # the full run with a fifth of the rows
+    python3 tests/bench/run.py --quick --pg-bin DIR  # another server (default $BULK_SYNC_PG_BIN,
+                                                     # else /usr/lib/postgresql/15/bin)
 
 The script creates its own throwaway PostgreSQL cluster (unix socket only, in a fresh temporary
 directory; as root the server runs as the ``postgres`` OS user), installs the schema with
@@ -64,7 +66,8 @@ sys.path.insert(0, str(REPO_ROOT / "runner"))
 
 from bulk_sync.migrate import migrate  # noqa: E402  (the checkout's runner, not an installed one)
 
-PG_BIN = Path(os.environ.get("BULK_SYNC_PG_BIN", "/usr/lib/postgresql/15/bin"))
+# The server's bin directory; --pg-bin replaces it, so runs can compare major versions.
+PG_BIN = Path(os.environ.get("BULK_SYNC_PG_BIN") or "/usr/lib/postgresql/15/bin")
 SUPERUSER = "postgres"
 PORT = 5432  # the socket lives in our own directory, so the number cannot clash
 MICRO = Decimal("0.000001")
@@ -260,7 +263,7 @@ def user_sql(expr: str) -> str:
 
 
 class Cluster:
-    """A throwaway PostgreSQL 15 cluster in a fresh temporary directory, unix socket only."""
+    """A throwaway PostgreSQL cluster (from PG_BIN) in a fresh temporary directory, socket only."""
 
     def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
         self.workdir = workdir
@@ -1634,6 +1637,7 @@ def cluster_for(settings: dict[str, str], keep: bool) -> Iterator[Cluster]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PG_BIN  # --pg-bin replaces the default for the whole run
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, well under a minute")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the row counts")
@@ -1647,9 +1651,21 @@ def main(argv: list[str] | None = None) -> int:
         help="turn on pg_stat_statements/track_functions and print profiles",
     )
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
+    parser.add_argument(
+        "--pg-bin",
+        type=Path,
+        default=PG_BIN,
+        metavar="DIR",
+        help=f"PostgreSQL bin directory (default: $BULK_SYNC_PG_BIN, else {PG_BIN})",
+    )
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be positive")
+    tools = ("initdb", "pg_ctl", "postgres", "psql", "pgbench")
+    missing = [tool for tool in tools if not (args.pg_bin / tool).is_file()]
+    if missing:
+        parser.error(f"--pg-bin {args.pg_bin} has no {', '.join(missing)}")
+    PG_BIN = args.pg_bin.absolute()
     sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
     if args.seconds:
         sizes = replace(sizes, pgbench_seconds=args.seconds)
