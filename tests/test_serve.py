@@ -348,11 +348,6 @@ def test_user_as_of_counts_the_actions_logged_by_then(
     assert (now["total_lbs"], now["last_action_at"]) == ("4.000000", "2025-11-05T11:00:00Z")
 
 
-@pytest.mark.xfail(
-    reason="bulk_sync.global_total() calls _current_global_total(), which bulk_sync_reader may "
-    "not execute (db/900_privileges.sql grants global_total but not its helper)",
-    strict=True,
-)
 def test_totals_as_of(db_url: str, start_server: Callable[..., Server]) -> None:
     api = start_server(db_url).api
     api.post("/api/actions/bulk_backfill", seed_backfill_body())

@@ -355,11 +355,7 @@ ROUTES: tuple[Api, ...] = (
         "GET",
         "/api/totals",
         READER,
-        # The current total is read from global_emissions (§2): global_total(NULL) calls a
-        # helper that bulk_sync_reader may not execute.
-        "SELECT jsonb_build_object('global_total_lbs', (CASE WHEN %(as_of)s::timestamptz IS NULL"
-        " THEN (SELECT g.total_lbs_saved FROM bulk_sync.global_emissions AS g WHERE g.id = 1)"
-        " ELSE bulk_sync.global_total(%(as_of)s) END)::text,"
+        "SELECT jsonb_build_object('global_total_lbs', bulk_sync.global_total(%(as_of)s)::text,"
         " 'as_of', %(as_of_text)s::text)::text",
         params=(query_time("as_of"),),
     ),
