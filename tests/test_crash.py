@@ -7,7 +7,8 @@ replays the WAL (crash recovery). After every restart:
 
 - every write a client saw acknowledged is there, exactly;
 - a write in flight at the stop is all there or not there at all (a single action, a
-  bulk_backfill batch, each batch of the file);
+  bulk_backfill batch, each user's rows of the file: the file is applied in chunks of whole
+  users);
 - global total = SUM(user_stats) = SUM(counted actions), and every user's stats match;
 - reconcile reports in_sync with nothing to fix;
 - events: ids increase, none appears below what the reader already read (no gap a reader
@@ -61,7 +62,10 @@ SERVER_OPTIONS = {
     "max_connections": "40",
 }
 USERS = [new_id() for _ in range(25)]
-FILE_ACTIONS = 3000
+# The file shares the writers' users and has many of its own, so that it is applied in many
+# chunks (of about FILE_BATCH rows, whole users) and the stops land while it runs.
+FILE_USERS = USERS + [new_id() for _ in range(375)]
+FILE_ACTIONS = 20000
 FILE_BATCH = 250
 
 
@@ -352,10 +356,22 @@ def _check_after_restart(
 
 
 def _file(path: Path, rng: random.Random) -> list[list[tuple[str, tuple[str, str, bool, bool]]]]:
-    actions = [_random_action(rng, 0.75) for _ in range(FILE_ACTIONS)]
+    """The file, and its all-or-nothing groups: each user's rows (chunks are whole users)."""
+    actions = [
+        action(
+            new_id(),
+            rng.choice(FILE_USERS),
+            random_amount(rng),
+            logged_at(rng.randrange(10**6)),
+            verified=rng.random() < 0.75,
+        )
+        for _ in range(FILE_ACTIONS)
+    ]
     path.write_text("".join(json.dumps(a) + "\n" for a in actions), encoding="utf-8")
-    states = [(a["action_id"], _state(a)) for a in actions]
-    return [states[i : i + FILE_BATCH] for i in range(0, len(states), FILE_BATCH)]
+    by_user: dict[str, list[tuple[str, tuple[str, str, bool, bool]]]] = {}
+    for a in actions:
+        by_user.setdefault(a["user_id"], []).append((a["action_id"], _state(a)))
+    return list(by_user.values())
 
 
 def test_immediate_shutdown_under_load_loses_nothing_acknowledged(
