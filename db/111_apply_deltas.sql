@@ -17,7 +17,7 @@ AS $$
 DECLARE
     v_delta     numeric;
     v_removed   uuid[];
-    v_slots     integer;
+    v_slots     bigint;
     v_global    numeric;
 BEGIN
     SELECT coalesce(sum(d.lbs), 0), array_agg(d.user_id ORDER BY d.user_id) FILTER (WHERE d.removed)

@@ -17,7 +17,7 @@ DECLARE
     v_known     bigint;
     v_raced     boolean := false;
     v_inserted  bigint;
-    v_verified  bigint := 0;
+    v_verified  bigint := 0::bigint;
     v_users     uuid[];
     v_conflict  record;
     v_result    jsonb;

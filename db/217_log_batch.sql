@@ -13,7 +13,7 @@ DECLARE
     v_new_users uuid[];
 BEGIN
     IF cardinality(p_items) = 0 THEN
-        RETURN '{}';
+        RETURN '{}'::jsonb;
     END IF;
 
     -- Users first, as log_action: the users of the verified actions, in user_id order. Which of them

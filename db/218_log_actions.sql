@@ -13,7 +13,6 @@ DECLARE
     v_failed       jsonb;
     v_items        bulk_sync._batch_action[];
     v_results      jsonb;
-    v_error        jsonb;
     v_state        text;
     v_message      text;
     v_detail       text;
