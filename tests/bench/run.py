@@ -18,6 +18,8 @@ Targets (docs/PERFORMANCE.md explains each baseline):
         the naive design (INSERT + UPDATE of one global row) for reference
     T2  ``bulk-sync backfill`` of a CSV vs psql ``\\copy`` of the same file; the runner's peak RSS
         at two file sizes
+        (and NDJSON, a rerun, and 4 live log_action clients during the load)
+    T2b one 10,000-action bulk_backfill call vs INSERT ... SELECT FROM jsonb_to_recordset of it
     T3  one 10,000-action bulk_backfill call on an empty ledger vs on a ledger of 1,000,000 actions
     T4  reconcile() vs a bare SELECT sum(...) over the counted actions (5,000,000 actions)
     T5  leaderboard top 10 and user_rank among 1,000,000 users, with their plans (auto_explain)
@@ -25,6 +27,7 @@ Targets (docs/PERFORMANCE.md explains each baseline):
         (tests/bench/http_log.lua: 64 keep-alive connections, a new verified action per request)
         vs pgbench calling log_action at 32 clients, rounds interleaved; median req/s and p99.
         Needs the serve extra and wrk.
+    T7  (``--only 7``) T2 at scale: the backfill's cost per row at 10x T2's file vs at T2's size
 
 Performance is reported, never asserted. The exit status is non-zero only when a run fails or an
 exactness check fails: after every workload the global total, the sum of user_stats, the sum of
@@ -1427,6 +1430,53 @@ def http_server(url: str, workers: int) -> Iterator[str]:
             proc.wait()
 
 
+def target_7(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler) -> None:
+    """T2 at scale: the file path's cost per row at 10x T2's file, against T2's own size."""
+    big_rows = sizes.csv_rows * 10
+    say(
+        f"\n== T2 at scale: bulk-sync backfill and \\copy of {sizes.csv_rows:,} and "
+        f"{big_rows:,} rows ({sizes.csv_users:,} and {sizes.csv_users * 10:,} users)"
+    )
+    per_row: dict[int, float] = {}
+    files = ((sizes.csv_rows, sizes.csv_users, 71), (big_rows, sizes.csv_users * 10, 72))
+    for rows, users, seed in files:
+        path = cluster.workdir / f"scale-{rows}.csv"
+        micro, counted, _all = write_csv(path, rows, users, seed)
+        name = f"t7_{rows}"
+        url = create_db(cluster, name)
+        execute(
+            url,
+            "CREATE SCHEMA bench",
+            "CREATE TABLE bench.copy_actions (LIKE bulk_sync.user_actions INCLUDING ALL)",
+            "CHECKPOINT",
+        )
+        copy_s = run_copy(cluster, name, "bench.copy_actions", path)
+        execute(url, "TRUNCATE bench.copy_actions", "CHECKPOINT")
+        run = run_backfill(url, path)
+        per_row[rows] = run.seconds / rows
+        say(
+            f"  {rows:,} rows: \\copy {copy_s:.1f} s, backfill {run.seconds:.1f} s "
+            f"({rows / run.seconds:,.0f} rows/s, {1e6 * run.seconds / rows:.1f} µs a row; "
+            f"of \\copy {copy_s / run.seconds:.2f}); peak RSS {run.peak_rss_kib / 1024:,.1f} MiB; "
+            f"load {loadavg()}"
+        )
+        check_ledger(report, url, f"T2 scale {rows:,}", amount(micro), counted)
+        execute(cluster.url("postgres"), f"DROP DATABASE {name}")
+        path.unlink()
+    ratio = per_row[big_rows] / per_row[sizes.csv_rows]
+    report.add(
+        Row(
+            "T2",
+            f"backfill cost per row, {big_rows:,} rows",
+            f"{1e6 * per_row[big_rows]:.1f} µs a row",
+            f"{sizes.csv_rows:,} rows: {1e6 * per_row[sizes.csv_rows]:.1f} µs",
+            ratio,
+            "≤ 1.20",
+            ratio <= 1.2,
+        )
+    )
+
+
 def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler) -> None:
     say(
         f"\n== T6 POST /api/actions/log (wrk, {HTTP_CONNECTIONS} keep-alive connections, server "
@@ -1643,7 +1693,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the row counts")
     parser.add_argument("--seconds", type=int, help="pgbench seconds per round (T1)")
     parser.add_argument(
-        "--only", default="1,2,3,4,5", help="targets to run, e.g. 1,4 (6: the HTTP API)"
+        "--only",
+        default="1,2,3,4,5",
+        help="targets to run, e.g. 1,4 (6: the HTTP API; 7: T2 at 10x scale)",
     )
     parser.add_argument(
         "--profile",
@@ -1699,6 +1751,8 @@ def main(argv: list[str] | None = None) -> int:
                 target_4_5(cluster, sizes, report, profiler)
             if 6 in only:
                 target_6(cluster, sizes, report, profiler)
+            if 7 in only:
+                target_7(cluster, sizes, report, profiler)
     except KeyboardInterrupt:
         print("interrupted; the cluster was stopped", file=sys.stderr)
         return 130
