@@ -40,7 +40,7 @@ FORMATS = ("csv", "ndjson", "json")
 DEFAULT_BATCH_SIZE = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_PROBLEMS = 100
-BLOCK = 1 << 18
+BLOCK = 1 << 16  # psycopg queues up to 1,024 blocks for COPY: at most 64 MiB in flight
 
 CSV_REQUIRED = ("action_id", "user_id", "lbs", "logged_at", "verified")
 CSV_OPTIONAL = ("metadata",)
