@@ -7,7 +7,6 @@ SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    c_max_actions  CONSTANT integer := 50000;
     v_actions      jsonb;
     v_total        integer;
     v_failed       jsonb;
@@ -17,25 +16,8 @@ DECLARE
     v_message      text;
     v_detail       text;
 BEGIN
-    IF request IS NULL OR jsonb_typeof(request) <> 'object' THEN
-        RAISE EXCEPTION 'log_actions: the request must be a JSON object'
-            USING ERRCODE = 'BS001', DETAIL = format('request: %s', coalesce(left(request::text, 200), 'null'));
-    ELSIF (request - 'actions') <> '{}'::jsonb THEN
-        RAISE EXCEPTION 'log_actions: unknown key %',
-              (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(request - 'actions') AS k)
-            USING ERRCODE = 'BS001', HINT = 'Allowed keys: actions.';
-    END IF;
-    v_actions := request -> 'actions';
-    IF v_actions IS NULL OR jsonb_typeof(v_actions) <> 'array' THEN
-        RAISE EXCEPTION 'log_actions: actions must be a JSON array'
-            USING ERRCODE = 'BS001', DETAIL = format('actions: %s', coalesce(left(v_actions::text, 200), 'missing'));
-    END IF;
+    v_actions := bulk_sync._request_actions(request, 'log_actions', ARRAY['actions']);
     v_total := jsonb_array_length(v_actions);
-    IF v_total > c_max_actions THEN
-        RAISE EXCEPTION 'log_actions: % actions exceed the limit of % per call', v_total, c_max_actions
-            USING ERRCODE = 'BS005', DETAIL = format('actions: %s', v_total),
-                  HINT = 'Split the batch.';
-    END IF;
 
     -- 1. Each invalid action's error, as log_action(jsonb) raises it (_parse_action: the first problem).
     SELECT jsonb_object_agg(e.idx - 1, jsonb_build_object(

@@ -8,7 +8,6 @@ SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    c_max_actions   CONSTANT integer := 50000;
     v_actions       jsonb;
     v_key           text;
     v_response      jsonb;
@@ -18,20 +17,8 @@ DECLARE
     v_inserted      integer;
     v_verified      integer;
 BEGIN
-    IF request IS NULL OR jsonb_typeof(request) <> 'object' THEN
-        RAISE EXCEPTION 'bulk_backfill: the request must be a JSON object'
-            USING ERRCODE = 'BS001', DETAIL = format('request: %s', coalesce(left(request::text, 200), 'null'));
-    ELSIF (request - ARRAY['actions', 'idempotency_key']) <> '{}'::jsonb THEN
-        RAISE EXCEPTION 'bulk_backfill: unknown key %',
-              (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(request - ARRAY['actions', 'idempotency_key']) AS k)
-            USING ERRCODE = 'BS001', HINT = 'Allowed keys: actions, idempotency_key.';
-    END IF;
-
-    v_actions := request -> 'actions';
-    IF v_actions IS NULL OR jsonb_typeof(v_actions) <> 'array' THEN
-        RAISE EXCEPTION 'bulk_backfill: actions must be a JSON array'
-            USING ERRCODE = 'BS001', DETAIL = format('actions: %s', coalesce(left(v_actions::text, 200), 'missing'));
-    END IF;
+    v_actions := bulk_sync._request_actions(request, 'bulk_backfill', ARRAY['actions', 'idempotency_key']);
+    v_total := jsonb_array_length(v_actions);
 
     CASE coalesce(jsonb_typeof(request -> 'idempotency_key'), 'null')
         WHEN 'null' THEN v_key := NULL;
@@ -41,13 +28,6 @@ BEGIN
     IF v_key = '' OR length(v_key) > 200 THEN
         RAISE EXCEPTION 'bulk_backfill: idempotency_key must be a non-empty string of at most 200 characters'
             USING ERRCODE = 'BS001', DETAIL = format('idempotency_key: %s', request -> 'idempotency_key');
-    END IF;
-
-    v_total := jsonb_array_length(v_actions);
-    IF v_total > c_max_actions THEN
-        RAISE EXCEPTION 'bulk_backfill: % actions exceed the limit of % per call', v_total, c_max_actions
-            USING ERRCODE = 'BS005', DETAIL = format('actions: %s', v_total),
-                  HINT = 'Split the batch, or stream a file with: bulk-sync backfill FILE.';
     END IF;
 
     -- Idempotency: the first call with a key stores its response; a repeat with the same actions replays it.
