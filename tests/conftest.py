@@ -89,9 +89,7 @@ PGTAP_SOURCES = "/usr/share/postgresql/*/extension/pgtap.control"
 # `scripts/test --coverage` sets this: plpgsql_check's profiler runs in every backend, and
 # make_db hands each database's profile to tests/plpgsql_coverage.py before dropping it.
 COVERAGE_DIR = os.environ.get("BULK_SYNC_PLPGSQL_COVERAGE_DIR")
-if COVERAGE_DIR:
-    SERVER_SETTINGS["shared_preload_libraries"] += ",plpgsql_check"
-    SERVER_SETTINGS["plpgsql_check.profiler"] = "on"
+COVERAGE_SETTINGS = {"plpgsql_check.profiler": "on"}
 
 # Where the session's server log is, for the failure report hook below.
 _SERVER_LOG: dict[str, Path] = {}
@@ -337,8 +335,13 @@ def cluster(_pg_environ: pytest.MonkeyPatch, pg_server: PgServer) -> Iterator[Po
     settings = {
         **SERVER_SETTINGS,
         **(PG_CRON_SETTINGS if pg_server.has_pg_cron else {}),
+        **(COVERAGE_SETTINGS if COVERAGE_DIR else {}),
         **_install_pgtap(pg_server, workdir),
     }
+    if COVERAGE_DIR:
+        # The profiler is plpgsql_check's, preloaded so that it runs in every backend.
+        preload = [settings.get("shared_preload_libraries"), "plpgsql_check"]
+        settings["shared_preload_libraries"] = ",".join(p for p in preload if p)
     executor = PostgreSQLExecutor(
         executable=str(PG_CTL_WRAPPER),
         host=HOST,
