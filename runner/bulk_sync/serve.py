@@ -10,6 +10,8 @@
 - Each request is one transaction that first runs ``SET LOCAL ROLE`` to the endpoint's
   ``bulk_sync_*`` role (``bulk_sync_admin`` for an admin token), so PostgreSQL checks the
   boundary a second time. The login role must be a member of the three roles.
+- ``POST /api/actions/log`` goes through ``Coalescer``: requests that arrive while a batch is in
+  flight are sent together as one ``log_actions`` call when it returns (see that class).
 - ``GET /api/events/stream`` is fed by one ``events.follow`` per process (``EventHub``) in a
   thread; each client first catches up from the database through the pool.
 """
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import hmac
 import ipaddress
@@ -50,6 +53,9 @@ log = logging.getLogger("bulk_sync.serve")
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_POOL_SIZE = 10
+DEFAULT_BATCH_MAX = 500  # log requests per log_actions call; 1 turns coalescing off
+BATCH_MAX_BYTES = 4 * 2**20  # a batch also closes at this much request text
+BATCH_ATTEMPTS = 3  # a batch rolled back by a deadlock or a serialization failure is retried
 POOL_TIMEOUT_S = 5.0  # waiting longer for a connection than this answers 503
 RETRY_AFTER_S = "2"
 EVENT_PAGE = 1000
@@ -78,11 +84,13 @@ class Settings:
     admin_token: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     pool_size: int = DEFAULT_POOL_SIZE
+    batch_max: int = DEFAULT_BATCH_MAX
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """DATABASE_URL, BULK_SYNC_{READER,WRITER,ADMIN}_TOKEN, BULK_SYNC_MAX_BODY_BYTES and
-        BULK_SYNC_POOL_SIZE (how ``bulk-sync serve`` hands its options to every worker)."""
+        """DATABASE_URL, BULK_SYNC_{READER,WRITER,ADMIN}_TOKEN, BULK_SYNC_MAX_BODY_BYTES,
+        BULK_SYNC_POOL_SIZE and BULK_SYNC_BATCH_MAX (how ``bulk-sync serve`` hands its options
+        to every worker)."""
         env = os.environ if environ is None else environ
         return cls(
             database_url=env.get("DATABASE_URL", ""),
@@ -91,6 +99,7 @@ class Settings:
             admin_token=env.get("BULK_SYNC_ADMIN_TOKEN") or None,
             max_body_bytes=int(env.get("BULK_SYNC_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES),
             pool_size=int(env.get("BULK_SYNC_POOL_SIZE") or DEFAULT_POOL_SIZE),
+            batch_max=int(env.get("BULK_SYNC_BATCH_MAX") or DEFAULT_BATCH_MAX),
         )
 
     @property
@@ -306,6 +315,10 @@ class Api:
     body: str = NO_BODY
     params: tuple[Param, ...] = ()
     missing: str | None = None
+    coalesce: bool = False  # the statement is LOG_SQL; concurrent calls may share a log_actions
+
+
+LOG_SQL = "SELECT bulk_sync.log_action(%(body)s::jsonb)::text"
 
 
 ROUTES: tuple[Api, ...] = (
@@ -313,8 +326,9 @@ ROUTES: tuple[Api, ...] = (
         "POST",
         "/api/actions/log",
         WRITER,
-        "SELECT bulk_sync.log_action(%(body)s::jsonb)::text",
+        LOG_SQL,
         BODY,
+        coalesce=True,
     ),
     Api(
         "POST",
@@ -538,17 +552,174 @@ async def events_page(pool: AsyncConnectionPool, level: int, after: int) -> list
 async def _run(
     pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
 ) -> list[tuple[Any, ...]]:
+    try:
+        return await _execute(pool, level, sql, params)
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise database_error(exc) from exc
+
+
+async def _execute(
+    pool: AsyncConnectionPool, level: int, sql: str, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
     """Both statements go as one simple query, which PostgreSQL runs as one transaction (so
     SET LOCAL holds for the call and ends with it). The client-side cursor binds the values
     as quoted literals; the body stays the text the client sent."""
-    try:
-        async with pool.connection() as conn:
-            cursor = AsyncClientCursor(conn)
-            await cursor.execute(f"{SET_ROLE[level]}; {sql}", params)
-            cursor.nextset()
-            return await cursor.fetchall()
-    except (psycopg.Error, PoolTimeout) as exc:
-        raise database_error(exc) from exc
+    async with pool.connection() as conn:
+        cursor = AsyncClientCursor(conn)
+        await cursor.execute(f"{SET_ROLE[level]}; {sql}", params)
+        cursor.nextset()
+        return await cursor.fetchall()
+
+
+# --------------------------------------------------------------------------- coalescing
+
+# One row per action, in request order: whether log_actions answered it with an error, and its
+# result as jsonb text (log_action's response, byte for byte, when it is not an error).
+BATCH_SQL = (
+    "SELECT e.r ? 'error', e.r::text"
+    " FROM jsonb_array_elements(bulk_sync.log_actions(%(body)s::jsonb) -> 'results')"
+    " WITH ORDINALITY AS e(r, n) ORDER BY e.n"
+)
+RETRY_BATCH = frozenset({"40001", "40P01"})  # rolled back for certain, and worth another try
+
+
+@dataclass
+class _Waiter:
+    level: int
+    body: str
+    # The response text, or None: answer through the unbatched path (``Coalescer.log``).
+    future: asyncio.Future[str | None]
+
+
+class Coalescer:
+    """Gathers concurrent ``POST /api/actions/log`` bodies into ``log_actions`` calls.
+
+    One batch is in flight per server process. A request that arrives while it is in flight
+    waits; when it returns, everything waiting (up to ``max_actions`` requests and
+    ``BATCH_MAX_BYTES`` of text) goes out at once. Nothing ever waits on a timer: an idle
+    server sends a lone request straight away, through the unbatched path.
+
+    Each request is answered only after its batch committed, and always with what the unbatched
+    path answers:
+
+    - a success is ``log_actions``' result for it, which is ``log_action``'s response;
+    - an action that failed inside the batch changed nothing, so it is sent again alone through
+      the unbatched path, and the client gets that path's status and error body (hint included);
+    - a batch that failed as a whole: rolled back by a deadlock or a serialization failure, it is
+      retried (``BATCH_ATTEMPTS``); with its outcome unknown (the connection was lost, the pool
+      was exhausted, the server is shutting down) or out of retries, every request gets the 503
+      that error means; any other failure (one body PostgreSQL cannot read as jsonb, an older
+      schema) sends each request alone through the unbatched path.
+    """
+
+    def __init__(
+        self, pool: AsyncConnectionPool, max_actions: int, max_bytes: int = BATCH_MAX_BYTES
+    ) -> None:
+        self.pool = pool
+        self.max_actions = max_actions
+        self.max_bytes = max_bytes
+        self.waiting: collections.deque[_Waiter] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+
+    async def log(self, level: int, body: str) -> str:
+        """The response text for one log request, or its ``ApiError``."""
+        waiter = _Waiter(level, body, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiter)
+        if self.task is None:
+            self.task = asyncio.create_task(self._drain())
+        text = await waiter.future
+        if text is None:
+            text = await run_json(self.pool, level, LOG_SQL, {"body": body})
+        return text
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                batch = self._take()
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug: the requests get the internal error
+                    log.exception("log batch failed", exc_info=exc)
+                    for waiter in batch:
+                        if not waiter.future.done():
+                            waiter.future.set_exception(exc)
+                except BaseException:  # cancelled: the server is stopping
+                    for waiter in [*batch, *self.waiting]:
+                        waiter.future.cancel()
+                    raise
+        finally:
+            self.task = None
+
+    def _take(self) -> list[_Waiter]:
+        batch: list[_Waiter] = []
+        size = 0
+        while self.waiting and len(batch) < self.max_actions:
+            waiter = self.waiting[0]
+            if batch and size + len(waiter.body) > self.max_bytes:
+                break
+            self.waiting.popleft()
+            if waiter.future.done():  # its client went away before it was sent: drop it
+                continue
+            batch.append(waiter)
+            size += len(waiter.body) + 2
+        return batch
+
+    async def _send(self, batch: list[_Waiter]) -> None:
+        if not batch:
+            return
+        if len(batch) == 1:
+            waiter = batch[0]
+            try:
+                text = await run_json(self.pool, waiter.level, LOG_SQL, {"body": waiter.body})
+            except ApiError as exc:
+                _settle(waiter, exc)
+            else:
+                _settle(waiter, text)
+            return
+        body = '{"actions": [' + ", ".join(w.body for w in batch) + "]}"
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            try:
+                rows = await _execute(self.pool, WRITER, BATCH_SQL, {"body": body})
+                break
+            except (psycopg.Error, PoolTimeout) as exc:
+                error = database_error(exc)
+                state = getattr(exc, "sqlstate", None) or ""
+                if state in RETRY_BATCH and attempt < BATCH_ATTEMPTS:
+                    continue
+                if error.status == 503 and state not in ("3F000", "42883", "42P01"):
+                    for waiter in batch:
+                        _settle(waiter, _copy(error))
+                else:
+                    log.warning(
+                        "log batch: %s; sending its %d requests alone", error.message, len(batch)
+                    )
+                    for waiter in batch:
+                        _settle(waiter, None)
+                return
+        if len(rows) != len(batch):  # committed, so it cannot be sent again
+            error = ApiError(
+                500, "internal", f"log_actions gave {len(rows)} results for {len(batch)} actions"
+            )
+            for waiter in batch:
+                _settle(waiter, _copy(error))
+            return
+        for waiter, (failed, text) in zip(batch, rows, strict=True):
+            _settle(waiter, None if failed else text)
+
+
+def _settle(waiter: _Waiter, outcome: str | ApiError | None) -> None:
+    if waiter.future.done():  # the client went away; the action stands all the same
+        return
+    if isinstance(outcome, ApiError):
+        waiter.future.set_exception(outcome)
+    else:
+        waiter.future.set_result(outcome)
+
+
+def _copy(error: ApiError) -> ApiError:
+    return ApiError(
+        error.status, error.code, error.message, error.detail, error.hint, error.headers
+    )
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -569,7 +740,10 @@ def endpoint(api: Api) -> Callable[[Request], Any]:
             check_content_type(request)
             body = await read_body(request, state.settings.max_body_bytes)
             params["body"] = json_object_text(body, optional=api.body == OPTIONAL_BODY)
-        text = await run_json(state.pool, level, api.sql, params)
+        if api.coalesce and state.coalescer is not None:
+            text = await state.coalescer.log(level, params["body"])
+        else:
+            text = await run_json(state.pool, level, api.sql, params)
         if text is None:
             if api.missing is None:
                 raise ApiError(500, "internal", "the function returned nothing")
@@ -822,6 +996,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub = EventHub(settings.database_url, asyncio.get_running_loop())
         hub.start()
         app.state.pool, app.state.hub = pool, hub
+        coalesce = settings.batch_max > 1
+        app.state.coalescer = Coalescer(pool, settings.batch_max) if coalesce else None
         try:
             yield
         finally:
