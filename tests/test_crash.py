@@ -179,9 +179,7 @@ def _log_actions(ledger: Ledger, rng: random.Random) -> Any:
         with ledger.lock:
             ledger.groups.append([(request["action_id"], _state(request))])
             group = len(ledger.groups) - 1
-        response = conn.execute(
-            "SELECT bulk_sync.log_action(%s)", (Jsonb(request),)
-        ).fetchone()[0]
+        response = conn.execute("SELECT bulk_sync.log_action(%s)", (Jsonb(request),)).fetchone()[0]
         assert response["status"] == "inserted", response
         with ledger.lock:
             ledger.acked[request["action_id"]] = _state(request)

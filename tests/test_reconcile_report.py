@@ -110,6 +110,9 @@ def test_no_report_when_only_a_user_drifted(db_url: str, conn: psycopg.Connectio
     assert response["users_out_of_sync"] == 1
     assert len(notes) == 1
     assert "recent_actions" not in notes[0]
-    assert conn.execute(
-        "SELECT count(*) FROM bulk_sync.emissions_corrections WHERE metadata ? 'recent_actions'"
-    ).fetchone()[0] == 0
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM bulk_sync.emissions_corrections WHERE metadata ? 'recent_actions'"
+        ).fetchone()[0]
+        == 0
+    )

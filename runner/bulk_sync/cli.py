@@ -154,9 +154,7 @@ def migrate(ctx: click.Context, lock_timeout: int, attempts: int) -> None:
     current; a second run is a no-op and takes no lock. Safe on a live database: see
     `--lock-timeout`.
     """
-    _print_json(
-        run_migrate(_settings(ctx).url(), lock_timeout_ms=lock_timeout, attempts=attempts)
-    )
+    _print_json(run_migrate(_settings(ctx).url(), lock_timeout_ms=lock_timeout, attempts=attempts))
 
 
 @main.command()

@@ -218,8 +218,9 @@ def _with_retries(
     assert last is not None
     target = last.relation or "a bulk_sync relation"
     reason = (
-        "a deadlock" if isinstance(last.cause, errors.DeadlockDetected) else
-        f"no lock on {target} within {lock_timeout_ms} ms"
+        "a deadlock"
+        if isinstance(last.cause, errors.DeadlockDetected)
+        else f"no lock on {target} within {lock_timeout_ms} ms"
     )
     raise CliError(
         f"migrate gave up on {what} after {attempts} attempts ({reason}); "
