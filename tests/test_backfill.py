@@ -325,3 +325,20 @@ def test_an_action_stored_by_another_writer_after_the_check(db_url: str) -> None
         assert sqlstate(caught.value) == "BS002"
         assert "line 1" in str(caught.value)
         assert_exact_totals(loader, Decimal(7))
+
+
+def test_a_line_holding_only_the_copy_end_marker_is_refused_by_its_line(
+    db_url: str, tmp_path: Path
+) -> None:
+    """`\\.` alone on a line would end COPY early and silently; deep in a file (past the first
+    block sent) it is still refused, with its own line number, and nothing is applied."""
+    rows = many_rows([new_id() for _ in range(100)], 30)  # 3,000 rows, about 250 KB
+    write_csv(tmp_path / "marker.csv", rows)
+    lines = (tmp_path / "marker.csv").read_text().splitlines(keepends=True)
+    lines.insert(2500, "\n")  # a blank line before it shifts nothing but the count
+    lines.insert(2600, "\\.\n")
+    (tmp_path / "marker.csv").write_text("".join(lines))
+    error = load_error(db_url, tmp_path / "marker.csv")
+    assert error.exit_code == 2
+    assert error.message == "line 2601: a line holding only \\. is not allowed"
+    assert counts(db_url) == (0, 0, 0)

@@ -158,12 +158,13 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         else:
             data, rest = data + b"\n", b""
         if not _ANY_BLANK_LINE.search(b"\n" + data):
+            _refuse_end_marker(data, staged, rows)
             rows += data.count(b"\n")
-            _refuse_end_marker(data, staged)
             yield data
             if not block:
                 return
             continue
+        rows_before = rows
         kept = []
         at = 0
         for match in _BLANK_LINES.finditer(data):
@@ -179,22 +180,21 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         kept.append(data[at:])
         rows += data[at:].count(b"\n")
         out = b"".join(kept)
-        _refuse_end_marker(out, staged)
+        _refuse_end_marker(out, staged, rows_before)
         if out:
             yield out
         if not block:
             return
 
 
-def _refuse_end_marker(data: bytes, staged: Staged) -> None:
-    at = data.find(b"\\.\n") if data.startswith(b"\\.") else -1
-    for marker in (b"\n\\.\n", b"\n\\.\r\n"):
-        found = data.find(marker)
-        if found >= 0:
-            at = found + 1
-            break
+def _refuse_end_marker(data: bytes, staged: Staged, rows_before: int) -> None:
+    """A line holding only ``\\.`` would end a COPY early and silently: refuse it, by its line."""
+    at = 0 if data.startswith((b"\\.\n", b"\\.\r\n")) else -1
+    if at < 0:
+        found = [i for i in (data.find(b"\n\\.\n"), data.find(b"\n\\.\r\n")) if i >= 0]
+        at = min(found) + 1 if found else -1
     if at >= 0:
-        line = staged.line_of(data.count(b"\n", 0, at) + 1)
+        line = staged.line_of(rows_before + data.count(b"\n", 0, at) + 1)
         raise InputError(f"line {line}: a line holding only \\. is not allowed")
 
 
