@@ -2,10 +2,10 @@
 -- caller's transaction: one INSERT of the new actions, then the verification of known pending ones. The
 -- triggers on user_actions move the totals, once per user.
 CREATE OR REPLACE FUNCTION bulk_sync._stage_apply(
-    p_from        uuid DEFAULT NULL,
-    p_below       uuid DEFAULT NULL,
-    p_row_format  text DEFAULT 'line %s',
-    p_via         text DEFAULT 'bulk_backfill',
+    p_from             uuid DEFAULT NULL,
+    p_below            uuid DEFAULT NULL,
+    p_row_format       text DEFAULT 'line %s',
+    p_via              text DEFAULT 'bulk_backfill',
     p_idempotency_key  text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
