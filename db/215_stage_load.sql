@@ -100,7 +100,8 @@ BEGIN
 
     IF v_problems <> '[]' THEN
         TRUNCATE pg_temp.bulk_sync_load;
-        RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', '[]'::jsonb);
+        RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', '[]'::jsonb,
+                                  'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
     END IF;
 
     -- An action_id repeated with the same facts is one action: keep its first row, verified if any of
@@ -133,8 +134,9 @@ BEGIN
                           FROM (SELECT l.user_id, count(*) AS n FROM pg_temp.bulk_sync_load AS l GROUP BY l.user_id) AS u) AS g) AS c
          WHERE c.previous IS DISTINCT FROM c.chunk;
     END IF;
-    RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', to_jsonb(coalesce(v_bounds, '{}')));
+    RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', to_jsonb(coalesce(v_bounds, '{}')),
+                              'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
 END
 $$;
 COMMENT ON FUNCTION bulk_sync._stage_load(integer, integer) IS
-    'Internal to bulk loads: checks every row of pg_temp.bulk_sync_stage (BS001 rules, BS002 within the stage and against stored actions) and keeps the valid ones for _stage_apply. Returns {"rows", "problems": [{line, code, field, reason, value, action_id, first_line}], "chunks": [user_id bounds]}; first_line is the earlier row a BS002 within the stage differs from.';
+    'Internal to bulk loads: checks every row of pg_temp.bulk_sync_stage (BS001 rules, BS002 within the stage and against stored actions) and keeps the valid ones for _stage_apply. Returns {"rows", "problems": [{line, code, field, reason, value, action_id, first_line}], "chunks": [user_id bounds], "global_total_lbs"}; first_line is the earlier row a BS002 within the stage differs from.';

@@ -35,7 +35,8 @@ BEGIN
               WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)),
             p_via);
         IF v_result IS NOT NULL THEN
-            RETURN v_result || jsonb_build_object('replayed', true);
+            RETURN v_result || jsonb_build_object('replayed', true,
+                                                  'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
         END IF;
     END IF;
 
@@ -139,6 +140,8 @@ BEGIN
         'verified_count', v_verified,
         'affected_users', (SELECT count(DISTINCT u) FROM unnest(v_users) AS u),
         'replayed',       false);
+    -- The global total after the chunk, as every writer's response carries it (a replay reports its own).
+    v_result := v_result || jsonb_build_object('global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
     IF p_idempotency_key IS NOT NULL THEN
         UPDATE bulk_sync.idempotency_keys AS k SET response = v_result WHERE k.idempotency_key = p_idempotency_key;
     END IF;
@@ -146,4 +149,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync._stage_apply(uuid, uuid, text, text, text) IS
-    'Internal to bulk loads: applies the rows _stage_load checked for users in [p_from, p_below) (NULL: unbounded). With p_idempotency_key a repeat of the same rows replays the first result. Returns {"rows", "inserted_count", "skipped_count", "verified_count", "affected_users", "replayed"}.';
+    'Internal to bulk loads: applies the rows _stage_load checked for users in [p_from, p_below) (NULL: unbounded). With p_idempotency_key a repeat of the same rows replays the first result. Returns {"rows", "inserted_count", "skipped_count", "verified_count", "affected_users", "replayed", "global_total_lbs"}.';

@@ -342,3 +342,38 @@ def test_a_line_holding_only_the_copy_end_marker_is_refused_by_its_line(
     assert error.exit_code == 2
     assert error.message == "line 2601: a line holding only \\. is not allowed"
     assert counts(db_url) == (0, 0, 0)
+
+
+def test_a_writer_role_loads_a_file_and_an_empty_file_loads_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The runner needs nothing beyond bulk_sync_writer (it reads no total itself), and a file with
+    a header only, or an empty NDJSON, is a load of zero rows."""
+    rows = many_rows([new_id() for _ in range(3)], 4)
+    expected = write_csv(tmp_path / "small.csv", rows)
+    (tmp_path / "header.csv").write_text("action_id,user_id,lbs,logged_at,verified\n")
+    (tmp_path / "empty.ndjson").write_text("\n\n")
+    with connect(db_url) as conn:
+        conn.execute("CREATE ROLE file_writer LOGIN IN ROLE bulk_sync_writer")
+    writer_url = db_url.replace("postgres@", "file_writer@")
+    try:
+        summary = load(writer_url, tmp_path / "small.csv")
+        assert (summary["inserted_count"], summary["global_total_lbs"]) == (
+            len(rows),
+            amount(expected),
+        )
+        for name in ("header.csv", "empty.ndjson"):
+            empty = load(writer_url, tmp_path / name)
+            assert (empty["rows"], empty["batches"], empty["inserted_count"]) == (0, 0, 0), name
+            assert empty["global_total_lbs"] == amount(expected), name
+    finally:
+        with connect(db_url) as conn:
+
+            def dropped() -> bool:
+                try:
+                    conn.execute("DROP ROLE file_writer")
+                except psycopg.errors.DependentObjectsStillExist:
+                    return False
+                return True
+
+            wait_for(dropped, timeout=30, what="the writer's sessions to end")

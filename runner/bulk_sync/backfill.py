@@ -55,7 +55,6 @@ COPY_JSON = sql.SQL("COPY {} (line, doc) FROM STDIN").format(STAGE)
 OPEN_STAGE = "SELECT bulk_sync._stage_open()"
 LOAD_STAGE = "SELECT bulk_sync._stage_load(%s, %s)"
 APPLY_CHUNK = "SELECT bulk_sync._stage_apply(%s::uuid, %s::uuid, 'line %%s', 'bulk_backfill', %s)"
-CURRENT_TOTAL = "SELECT bulk_sync.global_total()::text"
 
 
 class InputError(CliError):
@@ -321,6 +320,7 @@ class Summary:
         self.skipped_count += int(result.get("skipped_count") or 0)
         self.verified_count += int(result.get("verified_count") or 0)
         self.affected_users += int(result.get("affected_users") or 0)
+        self.global_total_lbs = result["global_total_lbs"]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -444,6 +444,7 @@ def backfill(
             load = conn.execute(LOAD_STAGE, (batch_size, MAX_PROBLEMS)).fetchone()[0]
             conn.commit()
             summary.rows = int(load["rows"])
+            summary.global_total_lbs = load["global_total_lbs"]
             problems = load["problems"]
             if problems:
                 rows = len({problem["line"] for problem in problems})
@@ -454,7 +455,7 @@ def backfill(
                     [_problem_line(problem, staged) for problem in problems],
                 )
             bounds = load["chunks"]
-            chunks = list(zip(bounds, [*bounds[1:], None], strict=True))
+            chunks = list(zip(bounds, [*bounds[1:], None], strict=True)) if bounds else []
             bar.start("apply", len(chunks))
             for number, (low, below) in enumerate(chunks, start=1):
                 key = f"{idempotency_key}:{number}" if idempotency_key else None
@@ -466,8 +467,6 @@ def backfill(
                     raise _chunk_error(exc, number, len(chunks)) from exc
                 summary.add(result)
                 bar.update(1)
-            summary.global_total_lbs = conn.execute(CURRENT_TOTAL).fetchone()[0]
-            conn.commit()
     finally:
         bar.close()
     return summary.as_json()
