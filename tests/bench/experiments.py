@@ -79,8 +79,10 @@ BEGIN
     IF jsonb_typeof(coalesce(p_metadata, '{}')) <> 'object' THEN
         RAISE EXCEPTION 'log_action: metadata must be a JSON object' USING ERRCODE = 'BS001';
     END IF;
-    v_lbs := bulk_sync._check_lbs(p_lbs, 'log_action');
-    PERFORM bulk_sync._check_logged_at(p_logged_at, 'log_action');
+    IF bulk_sync._lbs_problem(p_lbs) IS NOT NULL OR bulk_sync._logged_at_problem(p_logged_at) IS NOT NULL THEN
+        RAISE EXCEPTION 'log_action: invalid lbs or logged_at' USING ERRCODE = 'BS001';
+    END IF;
+    v_lbs := p_lbs;
     INSERT INTO lab.user_actions AS a
            (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
     VALUES (p_action_id, p_user_id, v_lbs, p_verified, p_logged_at, coalesce(p_metadata, '{}'),
