@@ -79,7 +79,8 @@ BEGIN
     IF jsonb_typeof(coalesce(p_metadata, '{}')) <> 'object' THEN
         RAISE EXCEPTION 'log_action: metadata must be a JSON object' USING ERRCODE = 'BS001';
     END IF;
-    IF bulk_sync._lbs_problem(p_lbs) IS NOT NULL OR bulk_sync._logged_at_problem(p_logged_at) IS NOT NULL THEN
+    IF bulk_sync._lbs_problem(p_lbs) IS NOT NULL
+       OR bulk_sync._logged_at_problem(p_logged_at) IS NOT NULL THEN
         RAISE EXCEPTION 'log_action: invalid lbs or logged_at' USING ERRCODE = 'BS001';
     END IF;
     v_lbs := p_lbs;
