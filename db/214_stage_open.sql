@@ -7,6 +7,13 @@ SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- A session that made its stage before an upgrade changed the load table's columns gets a new one.
+    IF to_regclass('pg_temp.bulk_sync_load') IS NOT NULL
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute AS a
+                        WHERE a.attrelid = to_regclass('pg_temp.bulk_sync_load') AND a.attname = 'conflicts') THEN
+        PERFORM bulk_sync._stage_guard();
+        DROP TABLE IF EXISTS pg_temp.bulk_sync_stage, pg_temp.bulk_sync_load;
+    END IF;
     IF to_regclass('pg_temp.bulk_sync_stage') IS NULL THEN
         -- Rows a caller stages live until the transaction that checks them commits.
         CREATE TEMP TABLE bulk_sync_stage (
@@ -21,7 +28,9 @@ BEGIN
         ) ON COMMIT DELETE ROWS;
         -- Checked rows outlive their transaction: a file is applied in chunks, each committed on its own.
         -- One row per action_id: copies counts the staged rows it stands for; known, whether the
-        -- action_id was stored when the rows were checked.
+        -- action_id was stored when the rows were checked; pending, whether it was stored unverified
+        -- (and not revoked), so that a verified row would verify it; conflicts, whether the stored
+        -- facts differ (BS002).
         CREATE TEMP TABLE bulk_sync_load (
             line       bigint        NOT NULL,
             action_id  uuid          NOT NULL,
@@ -31,7 +40,9 @@ BEGIN
             verified   boolean       NOT NULL,
             metadata   jsonb         NOT NULL,
             copies     integer       NOT NULL DEFAULT 1,
-            known      boolean       NOT NULL
+            known      boolean       NOT NULL,
+            pending    boolean       NOT NULL,
+            conflicts  boolean       NOT NULL
         );
         -- Writers may fill the stage (the runner COPYs into it); only bulk_sync reads it, checked.
         GRANT INSERT ON pg_temp.bulk_sync_stage TO bulk_sync_writer;

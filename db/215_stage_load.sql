@@ -34,7 +34,8 @@ BEGIN
              LIMIT p_max_problems) AS p;
 
     -- 2. The valid rows, typed (a blank line, all NULL, is no row), each marked known when its action_id
-    -- is stored: one primary-key probe per row (LATERAL ... LIMIT 1), so the cost follows the load and
+    -- is stored, pending when it is stored unverified, and conflicting when the stored facts differ: one
+    -- primary-key probe per row (LATERAL ... LIMIT 1), so the cost follows the load and
     -- never the ledger (a join may be planned as a scan of all of user_actions). With invalid rows
     -- present the rules are asked again to leave them out, so that step 3 can still report conflicts
     -- among the others.
@@ -42,8 +43,10 @@ BEGIN
     IF to_regclass('pg_temp.bulk_sync_load_user') IS NOT NULL THEN
         DROP INDEX pg_temp.bulk_sync_load_user;  -- built again below when the load is chunked
     END IF;
-    INSERT INTO pg_temp.bulk_sync_load (line, action_id, user_id, lbs, logged_at, verified, metadata, known)
-    SELECT v.line, v.action_id, v.user_id, v.lbs, v.logged_at, v.verified, v.metadata, k.known IS NOT NULL
+    INSERT INTO pg_temp.bulk_sync_load
+           (line, action_id, user_id, lbs, logged_at, verified, metadata, known, pending, conflicts)
+    SELECT v.line, v.action_id, v.user_id, v.lbs, v.logged_at, v.verified, v.metadata, k.pending IS NOT NULL,
+           coalesce(k.pending, false), coalesce(k.conflicts, false)
       FROM (SELECT s.line, t.*
               FROM pg_temp.bulk_sync_stage AS s
              CROSS JOIN LATERAL bulk_sync._action_values(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
@@ -52,7 +55,10 @@ BEGIN
                    (NULL::jsonb, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text)
                AND (v_invalid = '[]' OR NOT EXISTS (SELECT FROM bulk_sync._action_problems(s.doc, s.action_id,
                                                     s.user_id, s.lbs, s.logged_at, s.verified, s.metadata)))) AS v
-      LEFT JOIN LATERAL (SELECT true AS known FROM bulk_sync.user_actions AS a
+      LEFT JOIN LATERAL (SELECT NOT a.verified AND NOT a.revoked AS pending,
+                                (a.user_id, a.emissions_saved_lbs, a.logged_at)
+                                IS DISTINCT FROM (v.user_id, v.lbs, v.logged_at) AS conflicts
+                           FROM bulk_sync.user_actions AS a
                           WHERE a.action_id = v.action_id LIMIT 1) AS k ON true
      ORDER BY v.user_id;  -- so that a chunk's rows lie together: each chunk reads a few pages, not all
     GET DIAGNOSTICS v_rows = ROW_COUNT;
@@ -85,8 +91,7 @@ BEGIN
                                FROM bulk_sync.user_actions AS x
                               WHERE x.action_id = l.action_id
                               LIMIT 1) AS a
-         WHERE l.known
-           AND (a.user_id, a.emissions_saved_lbs, a.logged_at) IS DISTINCT FROM (l.user_id, l.lbs, l.logged_at)
+         WHERE l.conflicts  -- found by the probe in step 2; read again only to show both versions
     )
     SELECT coalesce(jsonb_agg(p ORDER BY p.line, p.code, p.field), '[]') INTO v_problems
       FROM (SELECT * FROM (SELECT (e ->> 'line')::bigint AS line, e ->> 'code' AS code, e ->> 'field' AS field,

@@ -14,7 +14,7 @@ SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_rows      bigint;
-    v_known     bigint;
+    v_pending   bigint;
     v_raced     boolean := false;
     v_inserted  bigint;
     v_verified  bigint := 0::bigint;
@@ -40,9 +40,12 @@ BEGIN
         END IF;
     END IF;
 
-    -- Users first (see _lock_users), in user_id order, so the triggers below only touch rows already held.
+    -- Users first (see _lock_users), in user_id order, so the triggers below only touch rows already held:
+    -- the users of verified rows that are new or would verify a pending action. A rerun of a load that
+    -- was applied changes no user, and locks none.
     PERFORM bulk_sync._lock_users(ARRAY(SELECT l.user_id FROM pg_temp.bulk_sync_load AS l
-                                         WHERE l.verified AND (l.user_id >= p_from OR p_from IS NULL)
+                                         WHERE l.verified AND (NOT l.known OR l.pending)
+                                           AND (l.user_id >= p_from OR p_from IS NULL)
                                            AND (l.user_id < p_below OR p_below IS NULL)));
 
     -- New actions in one plain INSERT, in action_id order so concurrent loads lock index entries in one
@@ -78,13 +81,14 @@ BEGIN
           FROM inserted AS i;
     END;
 
-    SELECT coalesce(sum(l.copies), 0), count(*) FILTER (WHERE l.known) INTO v_rows, v_known
+    SELECT coalesce(sum(l.copies), 0), count(*) FILTER (WHERE l.verified AND l.pending) INTO v_rows, v_pending
       FROM pg_temp.bulk_sync_load AS l
      WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
 
     -- Known actions (a rerun, a resubmission): the same facts were checked by _stage_load, and after a
-    -- race they are checked here; a verified row verifies a stored pending action (never a revoked one).
-    IF v_known > 0 OR v_raced THEN
+    -- race they are checked here; a verified row verifies a stored pending action (never a revoked one),
+    -- which the row lock below finds still pending or not.
+    IF v_pending > 0 OR v_raced THEN
         IF v_raced THEN
             SELECT l.line, l.action_id, l.user_id, l.lbs, l.logged_at,
                    a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
@@ -110,7 +114,7 @@ BEGIN
             -- One primary-key probe per wanted action, locked in action_id order.
             SELECT a.action_id
               FROM (SELECT l.action_id FROM pg_temp.bulk_sync_load AS l
-                     WHERE l.verified AND (l.known OR v_raced)
+                     WHERE l.verified AND (l.pending OR v_raced)
                        AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
                      ORDER BY l.action_id) AS w
              CROSS JOIN LATERAL (SELECT x.action_id FROM bulk_sync.user_actions AS x
