@@ -565,6 +565,23 @@ def run_pgbench(
     return PgbenchResult(float(tps.group(1)), int(count.group(1)))
 
 
+def seed_one_action_per_user(url: str, users: int) -> int:
+    """Every user starts with one verified action (set-based, through the usual triggers), as T1
+    and T6 both need; returns the µlbs seeded."""
+    execute(
+        url,
+        f"""
+        INSERT INTO bulk_sync.user_actions
+               (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
+        SELECT gen_random_uuid(), {user_sql("u")},
+               ((u * 7919) % 100000000 / 1000000.0)::numeric(30,6), true, now(),
+               now() - interval '1 day'
+          FROM generate_series(1, {users}) AS u
+        """,
+    )
+    return sum((u * 7919) % 100_000_000 for u in range(1, users + 1))
+
+
 def target_1(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler) -> None:
     say(
         f"\n== T1 log_action vs plain INSERT (pgbench, {sizes.t1_users:,} users, "
@@ -574,17 +591,10 @@ def target_1(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
     users = sizes.t1_users
     lbs = "12.345678"
     lbs_micro = 12_345_678
-    # Every user starts with one verified action (set-based, through the usual triggers); the
-    # baseline tables get the same rows, so every index has the same size on both sides.
-    pre_sql = "((u * 7919) % 100000000 / 1000000.0)::numeric(30,6)"
+    # The baseline tables get the same rows, so every index has the same size on both sides.
+    pre_micro = seed_one_action_per_user(url, users)
     execute(
         url,
-        f"""
-        INSERT INTO bulk_sync.user_actions
-               (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
-        SELECT gen_random_uuid(), {user_sql("u")}, {pre_sql}, true, now(), now() - interval '1 day'
-          FROM generate_series(1, {users}) AS u
-        """,
         "CREATE SCHEMA bench",
         "CREATE TABLE bench.plain_actions (LIKE bulk_sync.user_actions INCLUDING ALL)",
         "CREATE TABLE bench.naive_actions (LIKE bulk_sync.user_actions INCLUDING ALL)",
@@ -604,7 +614,6 @@ def target_1(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
         "INSERT INTO bench.floor_slots SELECT * FROM bulk_sync._global_slots",
         "VACUUM ANALYZE",
     )
-    pre_micro = sum((u * 7919) % 100_000_000 for u in range(1, users + 1))
     sent = dict.fromkeys(pgbench_scripts(lbs), pre_micro)
     rows = dict.fromkeys(sent, users)
     scripts = {}
@@ -1595,22 +1604,14 @@ def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
     url = create_db(cluster, "t6")
     users = sizes.t1_users
     lbs, lbs_micro = "12.345678", 12_345_678
-    # Every user starts with one verified action, as in T1.
-    pre_sql = "((u * 7919) % 100000000 / 1000000.0)::numeric(30,6)"
+    pre_micro = seed_one_action_per_user(url, users)  # as in T1
     execute(
         url,
-        f"""
-        INSERT INTO bulk_sync.user_actions
-               (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
-        SELECT gen_random_uuid(), {user_sql("u")}, {pre_sql}, true, now(), now() - interval '1 day'
-          FROM generate_series(1, {users}) AS u
-        """,
         "CREATE SCHEMA bench",
         "CREATE TABLE bench.plain_actions (LIKE bulk_sync.user_actions INCLUDING ALL)",
         "INSERT INTO bench.plain_actions SELECT * FROM bulk_sync.user_actions",
         "VACUUM ANALYZE",
     )
-    pre_micro = sum((u * 7919) % 100_000_000 for u in range(1, users + 1))
     # The baseline calls the positional log_action, as T1 does; the jsonb form (what the server
     # calls with the request body) is measured beside it for reference.
     json_call = (
