@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -84,6 +85,21 @@ def post_one_by_one(server: Server, bodies: list[str]) -> list[tuple[int, str]]:
 
 
 # --------------------------------------------------------------------------- the same answers
+
+
+def wait_for_other_backends(conn: psycopg.Connection, what: str) -> None:
+    """Wait until no other session is connected to this database (the server's have ended)."""
+    wait_for(
+        lambda: (
+            not conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        ),
+        10,
+        0.1,
+        what,
+    )
 
 
 def test_concurrent_requests_get_the_unbatched_answers(
@@ -194,17 +210,7 @@ def test_concurrent_requests_share_log_actions_calls(
     server.stop()  # the backends report their function counts as they exit
 
     with connect(url) as conn:
-        wait_for(
-            lambda: (
-                not conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).fetchone()[0]
-            ),
-            10,
-            0.1,
-            "the server's backends to exit",
-        )
+        wait_for_other_backends(conn, "the server's backends to exit")
         calls = dict(
             conn.execute(
                 "SELECT p.oid::regprocedure::text, coalesce(s.calls, 0)"
@@ -323,17 +329,7 @@ def test_sigkill_mid_load_leaves_every_acknowledged_action_counted(
     assert refused  # the kill came mid-load
 
     with connect(db_url) as conn:
-        wait_for(
-            lambda: (
-                not conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).fetchone()[0]
-            ),
-            10,
-            0.1,
-            "the killed server's backends to end",
-        )
+        wait_for_other_backends(conn, "the killed server's backends to end")
         rows = dict(
             conn.execute(
                 "SELECT action_id::text, emissions_saved_lbs FROM bulk_sync.user_actions"
