@@ -1,6 +1,6 @@
 -- bulk_backfill: loads a batch of actions in one transaction, all or nothing.
--- Stages the actions, checks them all (_stage_load), then applies them (_stage_apply): the same core as
--- bulk-sync backfill of a file, so the cost follows the batch size, never the size of user_actions.
+-- Stages the actions, checks them all, then applies them: the same core as bulk-sync backfill of a file
+-- (_stage_open ... _stage_close), so the cost follows the batch size, never the size of user_actions.
 CREATE OR REPLACE FUNCTION bulk_sync.bulk_backfill(request jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -12,6 +12,7 @@ DECLARE
     v_key           text;
     v_response      jsonb;
     v_total         integer;
+    v_load          uuid;
     v_problem       jsonb;
     v_applied       jsonb;
     v_inserted      integer;
@@ -38,11 +39,12 @@ BEGIN
         END IF;
     END IF;
 
-    -- The one bulk core (see _stage_load): stage the actions, check them all, apply them as one chunk.
-    PERFORM bulk_sync._stage_open();
+    -- The one bulk core: stage the actions, check them all (_stage_check, then BS002 in _stage_load), apply
+    -- them as one chunk. The load's rows go with it, whether this transaction commits or not.
+    v_load := bulk_sync._stage_open();
     INSERT INTO pg_temp.bulk_sync_stage (line, doc)
     SELECT e.idx - 1, e.doc FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx);
-    v_problem := bulk_sync._stage_load(NULL, 1) -> 'problems' -> 0;
+    v_problem := bulk_sync._stage_load(v_load, NULL, 1, bulk_sync._stage_check(v_load, 1, 1) -> 'problems') -> 'problems' -> 0;
     IF v_problem IS NOT NULL THEN
         PERFORM bulk_sync._raise_problem(
             concat_ws(' ', format('actions[%s]', v_problem ->> 'line'), '(action_id ' || (v_problem ->> 'action_id') || ')'),
@@ -51,7 +53,8 @@ BEGIN
                                              THEN format(', actions[%s]', v_problem ->> 'first_line') ELSE '' END,
             v_problem ->> 'value', v_problem ->> 'code');
     END IF;
-    v_applied := bulk_sync._stage_apply(NULL, NULL, 'actions[%s]', 'bulk_backfill');
+    v_applied := bulk_sync._stage_apply(v_load, NULL, NULL, 'actions[%s]', 'bulk_backfill');
+    PERFORM bulk_sync._stage_close(v_load);
     v_inserted := (v_applied ->> 'inserted_count')::integer;
     v_verified := (v_applied ->> 'verified_count')::integer;
 

@@ -17,14 +17,19 @@ GRANT EXECUTE ON FUNCTION
     bulk_sync.bulk_backfill(jsonb),
     bulk_sync.verify_action(uuid, text),
     bulk_sync.revoke_action(uuid, text, text),
-    -- the runner's file load: stage (COPY), check, apply in chunks; the same core as bulk_backfill
-    bulk_sync._stage_open(),
-    bulk_sync._stage_load(integer, integer),
-    bulk_sync._stage_apply(uuid, uuid, text, text, text)
+    -- the runner's file load: stage (COPY) and check each part, find BS002, apply in chunks, end the
+    -- load; the same core as bulk_backfill
+    bulk_sync._stage_open(uuid),
+    bulk_sync._stage_check(uuid, bigint, integer),
+    bulk_sync._stage_load(uuid, integer, integer, jsonb),
+    bulk_sync._stage_apply(uuid, uuid, uuid, text, text, text),
+    bulk_sync._stage_close(uuid)
 TO bulk_sync_writer;
 
 -- Readers see everything and call the read functions.
 GRANT SELECT ON ALL TABLES IN SCHEMA bulk_sync TO bulk_sync_reader;
+-- but not the tokens of loads in progress, which let a writer add to or end a load
+REVOKE SELECT ON bulk_sync._loads FROM bulk_sync_reader;
 GRANT EXECUTE ON FUNCTION
     bulk_sync.leaderboard(integer, integer),
     bulk_sync.user_rank(uuid),

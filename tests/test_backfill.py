@@ -10,8 +10,8 @@ cannot be swapped for a caller's own table.
 from __future__ import annotations
 
 import csv
+import json
 import threading
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from bulk_sync import backfill as backfill_module
 from bulk_sync.backfill import backfill
 from bulk_sync.errors import CliError
 from helpers import (
@@ -137,6 +138,77 @@ def test_every_bad_row_is_reported_up_to_100(db_url: str, tmp_path: Path) -> Non
     assert counts(db_url) == (0, 0, 0)
 
 
+@pytest.fixture
+def split_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files of any size are cut into parts (``--jobs``), as large ones are."""
+    monkeypatch.setattr(backfill_module, "SPLIT_MIN", 1)
+
+
+@pytest.mark.usefixtures("split_small_files")
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_a_file_checked_in_parts_names_the_same_lines(
+    db_url: str, tmp_path: Path, fmt: str
+) -> None:
+    """Three sessions check three parts of a file: bad rows in each part, a blank line and a BS002
+    between two parts are reported exactly as one session reports them."""
+    users = [new_id() for _ in range(30)]
+    rows = many_rows(users, 20)  # 600 rows
+    rows[4] = (rows[4][0], rows[4][1], "-1", rows[4][3], rows[4][4])  # line 6, part 1
+    rows[450] = (rows[450][0], rows[450][1], rows[450][2], "yesterday", rows[450][4])  # part 3
+    rows[590] = (rows[10][0], rows[10][1], "99", rows[10][3], rows[10][4])  # BS002 with row 10
+    path = tmp_path / f"parts.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+        text = path.read_text().splitlines(keepends=True)
+        text.insert(401, "\n")  # a blank line before line 402, in the last part
+    else:
+        keys = ("action_id", "user_id", "lbs", "logged_at")
+        text = [
+            json.dumps({**dict(zip(keys, row, strict=False)), "verified": row[4] == "true"}) + "\n"
+            for row in rows
+        ]
+        text.insert(400, "\n")
+    path.write_text("".join(text))
+    header = 1 if fmt == "csv" else 0
+    with path.open("rb") as handle:
+        assert len(backfill_module._parts(handle, fmt, 3) or []) == 3
+
+    one = load_error(db_url, path, jobs=1)
+    three = load_error(db_url, path, jobs=3)
+    assert three.details == one.details
+    assert three.message == one.message
+    lines = [int(detail.split()[1]) for detail in three.details]
+    assert lines == [5 + header, 452 + header, 592 + header]
+    assert f"same action_id, line {11 + header} [" in three.details[2]
+    assert counts(db_url) == (0, 0, 0)
+
+
+@pytest.mark.usefixtures("split_small_files")
+def test_a_csv_is_cut_only_between_records(db_url: str, tmp_path: Path) -> None:
+    """Every row's metadata holds quotes and a line break: a cut inside a quoted field would break
+    a row in two. Loaded in 2 to 8 parts, every row arrives whole."""
+    users = [new_id() for _ in range(20)]
+    rows = many_rows(users, 10)
+    path = tmp_path / "quoted.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["action_id", "user_id", "lbs", "logged_at", "verified", "metadata"])
+        for row in rows:
+            note = {"note": f'said "{row[2]}"\nand then\n"more"'}
+            writer.writerow([*row, json.dumps(note)])
+    expected = sum((Decimal(r[2]) for r in rows if r[4] == "true"), Decimal(0))
+    for jobs in range(2, 9):
+        with path.open("rb") as handle:
+            parts = backfill_module._parts(handle, "csv", jobs) or []
+        assert len(parts) == jobs
+    summary = load(db_url, path, jobs=8)
+    assert summary["inserted_count"] == len(rows)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+        stored = dict(conn.execute("SELECT action_id::text, metadata FROM bulk_sync.user_actions"))
+    assert stored == {r[0]: {"note": f'said "{r[2]}"\nand then\n"more"'} for r in rows}
+
+
 def test_chunks_are_whole_users_with_one_event_each_and_a_rerun_changes_nothing(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -252,29 +324,50 @@ def test_an_interrupted_load_completes_when_run_again(db_url: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("table", "ddl"),
+    "ddl",
     [
-        ("bulk_sync_load", "CREATE TEMP TABLE bulk_sync_load (line bigint)"),
-        ("bulk_sync_stage", "CREATE TEMP VIEW bulk_sync_stage AS SELECT 1 AS line"),
+        "CREATE TEMP TABLE bulk_sync_stage (line bigint)",
+        "CREATE TEMP VIEW bulk_sync_stage AS SELECT 1 AS line",
     ],
 )
-def test_the_stage_cannot_be_replaced_by_a_callers_own(
-    db_url: str, make_db: Callable[..., str], table: str, ddl: str
-) -> None:
-    """A writer's own pg_temp table or view of the stage's name is refused, never read as owner."""
+def test_the_stage_cannot_be_replaced_by_a_callers_own(db_url: str, ddl: str) -> None:
+    """A writer's own pg_temp table or view of the stage's name is refused, never read as owner;
+    the loads' shared rows and tokens are not the writer's to read; a load must be open."""
     with connect(db_url) as conn:
         conn.execute("CREATE ROLE stage_writer LOGIN IN ROLE bulk_sync_writer")
     try:
-        with psycopg.connect(db_url.replace("postgres@", "stage_writer@"), autocommit=True) as conn:
+        with (
+            connect(db_url, autocommit=True) as owner,
+            psycopg.connect(db_url.replace("postgres@", "stage_writer@"), autocommit=True) as conn,
+        ):
+            load = owner.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
             conn.execute(ddl)
+            for call, params in (
+                ("SELECT bulk_sync._stage_open()", ()),
+                ("SELECT bulk_sync._stage_open(%s)", (load,)),
+                ("SELECT bulk_sync._stage_check(%s, 1, 10)", (load,)),
+            ):
+                with pytest.raises(psycopg.Error) as caught:
+                    conn.execute(call, params)
+                assert sqlstate(caught.value) == "55000", (call, caught.value)
+            assert counts(db_url) == (0, 0, 0)
+            for table in ("_load_rows", "_loads"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(f"SELECT FROM bulk_sync.{table}")
+            conn.execute(f"DROP {ddl.split()[2]} pg_temp.bulk_sync_stage")  # TABLE or VIEW
             for call in (
-                "SELECT bulk_sync._stage_open()",
-                "SELECT bulk_sync._stage_load(10, 10)",
-                "SELECT bulk_sync._stage_apply()",
+                "SELECT bulk_sync._stage_open(gen_random_uuid())",
+                "SELECT bulk_sync._stage_load(gen_random_uuid(), 10, 10)",
+                "SELECT bulk_sync._stage_apply(gen_random_uuid(), NULL, NULL)",
             ):
                 with pytest.raises(psycopg.Error) as caught:
                     conn.execute(call)
-                assert sqlstate(caught.value) in ("55000", "42P07"), (call, caught.value)
+                assert sqlstate(caught.value) == "55000", (call, caught.value)
+                assert "is not open" in str(caught.value)
+            owner.execute("SELECT bulk_sync._stage_close(%s)", (load,))
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute("SELECT bulk_sync._stage_open(%s)", (load,))
+            assert "is not open" in str(caught.value)
     finally:
         with connect(db_url) as conn:
             # The writer's temporary objects go when its backend has exited, which takes a moment.
@@ -288,14 +381,45 @@ def test_the_stage_cannot_be_replaced_by_a_callers_own(
             wait_for(dropped, timeout=30, what="the writer's session to end")
 
 
+def test_a_load_whose_runner_died_is_ended_by_the_next(db_url: str) -> None:
+    """The runner's session is killed between the check and the apply: the next load to open ends
+    the dead one, and its checked rows go with it."""
+    dead = connect(db_url, autocommit=False)
+    load = dead.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
+    dead.execute(
+        "INSERT INTO pg_temp.bulk_sync_stage (action_id, user_id, lbs, logged_at, verified)"
+        " VALUES (%s, %s, '2', %s, 'true')",
+        (new_id(), new_id(), logged_at(0)),
+    )
+    assert dead.execute("SELECT bulk_sync._stage_check(%s)", (load,)).fetchone()[0]["rows"] == 1
+    dead.commit()
+    pid = dead.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with connect(db_url) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
+    dead.close()
+    with connect(db_url, autocommit=True) as conn:
+
+        def rows_of(token: str) -> int:
+            return conn.execute(
+                "SELECT count(*) FROM bulk_sync._load_rows WHERE load = %s", (token,)
+            ).fetchone()[0]
+
+        assert rows_of(load) == 1
+        fresh = conn.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
+        assert rows_of(load) == 0
+        assert conn.execute("SELECT array_agg(load) FROM bulk_sync._loads").fetchone()[0] == [fresh]
+        conn.execute("SELECT bulk_sync._stage_close(%s)", (fresh,))
+    assert counts(db_url) == (0, 0, 0)
+
+
 def test_an_action_stored_by_another_writer_after_the_check(db_url: str) -> None:
     """Between _stage_load and _stage_apply another writer stores one of the actions: with the same
     facts it is skipped and counted once; with other facts the chunk fails with BS002."""
     same, other, fresh = new_id(), new_id(), new_id()
     user = "00000000-0000-4000-8000-000000000001"
 
-    def staged(conn: psycopg.Connection, ids: list[str]) -> None:
-        conn.execute("SELECT bulk_sync._stage_open()")
+    def staged(conn: psycopg.Connection, ids: list[str]) -> str:
+        load = conn.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
         for i, action_id in enumerate(ids, start=1):
             conn.execute(
                 "INSERT INTO pg_temp.bulk_sync_stage"
@@ -303,25 +427,29 @@ def test_an_action_stored_by_another_writer_after_the_check(db_url: str) -> None
                 " VALUES (%s, %s, %s, '2', %s, 'true')",
                 (i, action_id, user, logged_at(0)),
             )
-        load = conn.execute("SELECT bulk_sync._stage_load(NULL, 10)").fetchone()[0]
-        assert load["problems"] == []
+        checked = conn.execute("SELECT bulk_sync._stage_check(%s)", (load,)).fetchone()[0]
+        assert checked["problems"] == []
+        checked = conn.execute("SELECT bulk_sync._stage_load(%s, NULL, 10)", (load,)).fetchone()[0]
+        assert checked["problems"] == []
+        return load
 
     with connect(db_url) as loader, connect(db_url) as writer:
         loader.execute("BEGIN")
-        staged(loader, [same, fresh])
+        load = staged(loader, [same, fresh])
         loader.execute("COMMIT")
         request = {"user_id": user, "lbs": "2", "logged_at": logged_at(0), "verified": True}
         assert log_action(writer, {"action_id": same, **request})["status"] == "inserted"
-        result = loader.execute("SELECT bulk_sync._stage_apply()").fetchone()[0]
+        apply = "SELECT bulk_sync._stage_apply(%s, NULL, NULL)"
+        result = loader.execute(apply, (load,)).fetchone()[0]
         assert (result["inserted_count"], result["skipped_count"]) == (1, 1)
         assert_exact_totals(loader, Decimal(4))
 
         loader.execute("BEGIN")
-        staged(loader, [other])
+        load = staged(loader, [other])
         loader.execute("COMMIT")
         log_action(writer, {"action_id": other, **request, "lbs": "3"})
         with pytest.raises(psycopg.Error) as caught:
-            loader.execute("SELECT bulk_sync._stage_apply()")
+            loader.execute(apply, (load,))
         assert sqlstate(caught.value) == "BS002"
         assert "line 1" in str(caught.value)
         assert_exact_totals(loader, Decimal(7))

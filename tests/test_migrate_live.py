@@ -319,7 +319,11 @@ def test_upgrade_from_the_first_release_equals_a_fresh_install(
             "SELECT to_regclass('bulk_sync._definitions_state') IS NULL"
         ).fetchone()[0]
     result = migrate(old)
-    assert result["applied_migrations"] == ["0005.leaderboard-key", "0006.definitions-state"]
+    assert result["applied_migrations"] == [
+        "0005.leaderboard-key",
+        "0006.definitions-state",
+        "0007.shared-load",
+    ]
     migrate(fresh)
     with connect(old) as upgraded, connect(fresh) as installed:
         _assert_same_catalog(_catalog(upgraded), _catalog(installed))

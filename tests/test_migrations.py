@@ -33,6 +33,7 @@ MIGRATION_IDS = [
     "0004.roles",
     "0005.leaderboard-key",
     "0006.definitions-state",
+    "0007.shared-load",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -259,7 +260,11 @@ def test_upgrade_from_0001_keeps_every_row_and_total(empty_db: str) -> None:
 
 
 def _check_after_rollback(conn: psycopg.Connection, migration_id: str) -> None:
-    if migration_id == "0006.definitions-state":
+    if migration_id == "0007.shared-load":
+        assert not relation_exists(conn, "bulk_sync._load_rows")
+        assert not relation_exists(conn, "bulk_sync._loads")
+        assert relation_exists(conn, "bulk_sync._definitions_state")
+    elif migration_id == "0006.definitions-state":
         assert not relation_exists(conn, "bulk_sync._definitions_state")
         assert relation_exists(conn, "bulk_sync.user_stats_leaderboard")
     elif migration_id == "0005.leaderboard-key":

@@ -1,15 +1,18 @@
 """``bulk-sync backfill FILE``: load a file of actions through bulk_sync's one bulk core.
 
-1. **Stage.** The file streams into the session's stage table (``bulk_sync._stage_open``) with ONE
+1. **Stage.** The file streams into a session's stage table (``bulk_sync._stage_open``) with ONE
    ``COPY``: CSV and NDJSON bytes go to the server as they are, with no per-row Python work; a JSON
    array is read element by element (ijson) and each element sent as one row. Memory stays flat; the
-   stage lives on the server and may use disk.
-2. **Check.** ``bulk_sync._stage_load`` checks every row at once: the BS001 rules, and BS002 within
-   the file and against stored actions. A file with any bad row changes nothing: every bad row (up
-   to 100) is reported with its line number, field and reason, and the exit code is 2.
+   stage lives on the server and may use disk. A large CSV or NDJSON file is cut at record
+   boundaries into ``--jobs`` parts, each staged by its own session at the same time.
+2. **Check.** Each session checks its part against the BS001 rules (``bulk_sync._stage_check``),
+   the parts at the same time, into the load's shared rows; ``bulk_sync._stage_load`` then finds
+   BS002 within the file and against stored actions. A file with any bad row changes nothing: every
+   bad row (up to 100) is reported with its line number, field and reason, and the exit code is 2.
 3. **Apply.** The checked rows are applied in chunks of whole users, in ``user_id`` order
    (``bulk_sync._stage_apply``), each chunk committed on its own, so each user's totals and event
-   are written once per chunk and live writers wait for a chunk at most.
+   are written once per chunk and live writers wait for a chunk at most. ``_stage_close`` ends the
+   load, whatever happened.
 
 Validation, idempotency and every total are the SQL's. A failed or interrupted run is simply run
 again: stored actions are skipped, so a rerun inserts nothing that is already there.
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -31,6 +37,7 @@ import click
 import ijson
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from bulk_sync.db import connect, to_cli_error
 from bulk_sync.errors import EXIT_BAD_INPUT, CliError
@@ -41,6 +48,10 @@ DEFAULT_BATCH_SIZE = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_PROBLEMS = 100
 BLOCK = 1 << 16  # psycopg queues up to 1,024 blocks for COPY: at most 64 MiB in flight
+DEFAULT_JOBS = 2
+MAX_JOBS = 8
+# A smaller file is staged by one session: a second one would not pay for itself.
+SPLIT_MIN = 8 << 20
 
 CSV_REQUIRED = ("action_id", "user_id", "lbs", "logged_at", "verified")
 CSV_OPTIONAL = ("metadata",)
@@ -52,9 +63,13 @@ COPY_NDJSON = sql.SQL(
     "COPY {} (doc) FROM STDIN (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
 ).format(STAGE)
 COPY_JSON = sql.SQL("COPY {} (line, doc) FROM STDIN").format(STAGE)
-OPEN_STAGE = "SELECT bulk_sync._stage_open()"
-LOAD_STAGE = "SELECT bulk_sync._stage_load(%s, %s)"
-APPLY_CHUNK = "SELECT bulk_sync._stage_apply(%s::uuid, %s::uuid, 'line %%s', 'bulk_backfill', %s)"
+OPEN_STAGE = "SELECT bulk_sync._stage_open(%s)"
+CHECK_PART = "SELECT bulk_sync._stage_check(%s, %s, %s)"
+LOAD_STAGE = "SELECT bulk_sync._stage_load(%s, %s, %s, %s)"
+APPLY_CHUNK = (
+    "SELECT bulk_sync._stage_apply(%s, %s::uuid, %s::uuid, 'line %%s', 'bulk_backfill', %s)"
+)
+CLOSE_LOAD = "SELECT bulk_sync._stage_close(%s)"
 
 
 class InputError(CliError):
@@ -120,6 +135,7 @@ class Staged:
     rows: Iterator[tuple[int, str]] | None = None  # (ordinal, JSON text) rows for COPY (JSON)
     first_line: int = 1  # the file line of the first staged row
     label: str = "line"
+    first_row: int = 1  # the load's number of the first staged row (parts after the first: later)
     # Blank lines are not sent: (rows staged before a run of them, blank lines so far), in order.
     blanks: list[tuple[int, int]] = field(default_factory=list)
 
@@ -301,6 +317,93 @@ STAGERS: dict[str, Callable[[io.BufferedReader], Staged]] = {
 }
 
 
+# --------------------------------------------------------------------------- parts
+
+
+class _RangeRaw(io.RawIOBase):
+    """Bytes ``start`` to ``end`` of a file, read with ``pread``: parts read side by side."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self._fd, self._at, self._end = fd, start, end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._fd, min(len(buffer), self._end - self._at), self._at)
+        size = len(data)
+        buffer[:size] = data
+        self._at += size
+        return size
+
+
+def _count(fd: int, start: int, end: int, byte: bytes) -> int:
+    """How many times ``byte`` occurs in bytes ``start`` to ``end`` of the file."""
+    total = 0
+    while start < end:
+        block = os.pread(fd, min(1 << 20, end - start), start)
+        if not block:
+            break
+        total += block.count(byte)
+        start += len(block)
+    return total
+
+
+def _record_start(fd: int, at: int, size: int, quoted: bool) -> int | None:
+    """The first record boundary at or after byte ``at``: after a newline outside any quoted field
+    (CSV: after an even number of quotes from the file's start). None when there is none."""
+    quotes = _count(fd, 0, at, b'"') if quoted else 0
+    while at < size:
+        block = os.pread(fd, min(BLOCK, size - at), at)
+        start = 0
+        while (newline := block.find(b"\n", start)) >= 0:
+            if quoted:
+                quotes += block.count(b'"', start, newline)
+            if quotes % 2 == 0:
+                return at + newline + 1 if at + newline + 1 < size else None
+            start = newline + 1
+        if quoted:
+            quotes += block.count(b'"', start)
+        at += len(block)
+    return None
+
+
+def _parts(stream: IO[bytes], fmt: str, jobs: int) -> list[tuple[Staged, _CountingRaw]] | None:
+    """A large regular CSV or NDJSON file cut into ``jobs`` parts at record boundaries, each staged
+    on its own (the first one reads the header); None when the file is staged whole."""
+    size = _stream_size(stream)
+    if jobs < 2 or fmt not in ("csv", "ndjson") or size is None or size < SPLIT_MIN:
+        return None
+    fd = stream.fileno()
+    cuts = [0]
+    for k in range(1, jobs):
+        cut = _record_start(fd, max(cuts[-1], size * k // jobs), size, fmt == "csv")
+        if cut is None:
+            break
+        cuts.append(cut)
+    if len(cuts) < 2:
+        return None
+    cuts.append(size)
+    parts = []
+    for start, end in itertools.pairwise(cuts):
+        counter = _CountingRaw(_RangeRaw(fd, start, end))
+        buffered = io.BufferedReader(counter, buffer_size=BLOCK)
+        if not parts:
+            first = STAGERS[fmt](buffered)
+            parts.append((first, counter))
+            continue
+        staged = Staged(copy=first.copy, first_line=1 + _count(fd, 0, start, b"\n"))
+        staged.blocks = _blocks(buffered, staged)
+        parts.append((staged, counter))
+    return parts
+
+
+def _part_of(parts: list[Staged], row: int) -> tuple[Staged, int]:
+    """The part holding the load's ``row``-th row, and the row's number within that part."""
+    part = next(p for p in reversed(parts) if p.first_row <= row)
+    return part, row - part.first_row + 1
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -320,7 +423,6 @@ class Summary:
         self.skipped_count += int(result.get("skipped_count") or 0)
         self.verified_count += int(result.get("verified_count") or 0)
         self.affected_users += int(result.get("affected_users") or 0)
-        self.global_total_lbs = result["global_total_lbs"]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -341,6 +443,7 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self._enabled = enabled
         self._bar: Any = None
+        self._lock = threading.Lock()  # parts are staged from several threads
 
     def start(self, label: str, length: int | None) -> None:
         self.close()
@@ -349,8 +452,9 @@ class _Progress:
             self._bar.__enter__()
 
     def update(self, steps: int) -> None:
-        if self._bar is not None:
-            self._bar.update(steps)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(steps)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -368,22 +472,29 @@ def _stream_size(stream: IO[bytes]) -> int | None:
 
 def _copy_into_stage(
     conn: psycopg.Connection, staged: Staged, counter: _CountingRaw, bar: _Progress
-) -> None:
+) -> int:
+    """COPY one part into the session's stage; the number of rows staged."""
     shown = 0
-    with conn.cursor() as cur, cur.copy(staged.copy) as copy:
-        if staged.blocks is not None:
-            for block in staged.blocks:
-                copy.write(block)
-                bar.update(counter.consumed - shown)
-                shown = counter.consumed
-        else:
-            assert staged.rows is not None
-            for number, row in enumerate(staged.rows, start=1):
-                copy.write_row(row)
-                if number % 10_000 == 0:
-                    bar.update(counter.consumed - shown)
-                    shown = counter.consumed
-    bar.update(counter.consumed - shown)
+    try:
+        with conn.cursor() as cur:
+            with cur.copy(staged.copy) as copy:
+                if staged.blocks is not None:
+                    for block in staged.blocks:
+                        copy.write(block)
+                        bar.update(counter.consumed - shown)
+                        shown = counter.consumed
+                else:
+                    assert staged.rows is not None
+                    for number, row in enumerate(staged.rows, start=1):
+                        copy.write_row(row)
+                        if number % 10_000 == 0:
+                            bar.update(counter.consumed - shown)
+                            shown = counter.consumed
+            bar.update(counter.consumed - shown)
+            return cur.rowcount
+    except psycopg.errors.DataError as exc:  # includes BadCopyFileFormat
+        conn.rollback()
+        raise _copy_error(exc, staged) from exc
 
 
 def _copy_error(exc: psycopg.Error, staged: Staged) -> CliError:
@@ -398,19 +509,103 @@ def _copy_error(exc: psycopg.Error, staged: Staged) -> CliError:
     return InputError(f"{where}{reason}; nothing was applied")
 
 
-def _problem_line(problem: dict[str, Any], staged: Staged) -> str:
+def _problem_line(problem: dict[str, Any], parts: list[Staged]) -> str:
     """``line 7 (action_id ...): BS001: lbs must not be negative [lbs: -1]``."""
-    where = f"{staged.label} {staged.line_of(int(problem['line']))}"
+
+    def where(row: int) -> str:
+        part, number = _part_of(parts, row)
+        return f"{part.label} {part.line_of(number)}"
+
     action = f" (action_id {problem['action_id']})" if problem.get("action_id") else ""
     reason = problem["reason"]
     if problem.get("first_line") is not None:
-        reason += f", {staged.label} {staged.line_of(int(problem['first_line']))}"
+        reason += f", {where(int(problem['first_line']))}"
     value = problem.get("value")
     if problem["code"] == "BS002":
         shown = f" [{value}]"
     else:
         shown = f" [{problem['field']}: {value}]" if value not in (None, "") else ""
-    return f"{where}{action}: {problem['code']}: {problem['field']} {reason}{shown}"
+    code, fields = problem["code"], problem["field"]
+    return f"{where(int(problem['line']))}{action}: {code}: {fields} {reason}{shown}"
+
+
+def _check_parts(
+    sessions: list[psycopg.Connection],
+    load: str,
+    parts: list[tuple[Staged, _CountingRaw]],
+    bar: _Progress,
+) -> list[dict[str, Any]]:
+    """Stage and check every part, each on its own session and all at once; the BS001 problems, by
+    the load's row numbers, in line order."""
+    with ThreadPoolExecutor(len(parts)) as pool:
+        staging = [
+            pool.submit(_copy_into_stage, session, part, counter, bar)
+            for session, (part, counter) in zip(sessions, parts, strict=True)
+        ]
+        counts = [future.result() for future in staging]
+        row = 1
+        for (part, _), count in zip(parts, counts, strict=True):
+            part.first_row, row = row, row + count
+
+        def check(session: psycopg.Connection, part: Staged) -> dict[str, Any]:
+            result = session.execute(CHECK_PART, (load, part.first_row, MAX_PROBLEMS)).fetchone()
+            session.commit()
+            return result[0]
+
+        checking = [
+            pool.submit(check, session, part)
+            for session, (part, _) in zip(sessions, parts, strict=True)
+        ]
+        results = [future.result() for future in checking]
+    problems = sorted(
+        (problem for result in results for problem in result["problems"]),
+        key=lambda problem: (int(problem["line"]), problem["field"]),
+    )
+    return problems[:MAX_PROBLEMS]
+
+
+def _apply_chunks(
+    sessions: list[psycopg.Connection],
+    load: str,
+    chunks: list[tuple[str, str | None]],
+    idempotency_key: str | None,
+    summary: Summary,
+    bar: _Progress,
+) -> None:
+    """Apply the chunks, each in its own transaction, on every session at once (chunks share no
+    user, so they never wait for each other). After a failure no further chunk starts."""
+    lock = threading.Lock()
+    pending = iter(enumerate(chunks, start=1))
+    committed: list[int] = []
+    failed: list[tuple[int, psycopg.Error]] = []
+
+    def work(session: psycopg.Connection) -> None:
+        while True:
+            with lock:
+                taken = None if failed else next(pending, None)
+            if taken is None:
+                return
+            number, (low, below) = taken
+            key = f"{idempotency_key}:{number}" if idempotency_key else None
+            try:
+                result = session.execute(APPLY_CHUNK, (load, low, below, key)).fetchone()[0]
+                session.commit()
+            except psycopg.Error as exc:
+                session.rollback()
+                with lock:
+                    failed.append((number, exc))
+                return
+            with lock:
+                summary.add(result)
+                committed.append(number)
+            bar.update(1)
+
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        for future in [pool.submit(work, session) for session in sessions]:
+            future.result()
+    if failed:
+        number, exc = min(failed, key=lambda failure: failure[0])
+        raise _chunk_error(exc, number, len(chunks), len(committed))
 
 
 def backfill(
@@ -421,62 +616,82 @@ def backfill(
     fmt: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     idempotency_key: str | None = None,
+    jobs: int = DEFAULT_JOBS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Stage, check and apply every row of ``stream``; return the summary."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise InputError(f"the batch size must be between 1 and {MAX_BATCH_SIZE}")
+    if not 1 <= jobs <= MAX_JOBS:
+        raise InputError(f"the number of jobs must be between 1 and {MAX_JOBS}")
     counter = _CountingRaw(stream)
     buffered = io.BufferedReader(counter, buffer_size=1 << 16)
     fmt = format_for(name, fmt, buffered.peek(64))
-    staged = STAGERS[fmt](buffered)
+    parts = _parts(stream, fmt, jobs) or [(STAGERS[fmt](buffered), counter)]
     summary = Summary()
     bar = _Progress(progress)
-    try:
-        with connect(database_url) as conn:
-            conn.execute(OPEN_STAGE)
+    with connect(database_url) as conn:
+        load = conn.execute(OPEN_STAGE, (None,)).fetchone()[0]
+        conn.commit()  # the other sessions join the load
+        sessions = [conn]
+        try:
+            while len(sessions) < len(parts):
+                sessions.append(connect(database_url))
+                sessions[-1].execute(OPEN_STAGE, (load,))
             bar.start("stage", _stream_size(stream))
-            try:
-                _copy_into_stage(conn, staged, counter, bar)
-            except psycopg.errors.DataError as exc:  # includes BadCopyFileFormat
-                conn.rollback()
-                raise _copy_error(exc, staged) from exc
-            load = conn.execute(LOAD_STAGE, (batch_size, MAX_PROBLEMS)).fetchone()[0]
+            problems = _check_parts(sessions, load, parts, bar)
+            checked = conn.execute(
+                LOAD_STAGE, (load, batch_size, MAX_PROBLEMS, Jsonb(problems))
+            ).fetchone()[0]
             conn.commit()
-            summary.rows = int(load["rows"])
-            summary.global_total_lbs = load["global_total_lbs"]
-            problems = load["problems"]
+            summary.rows = int(checked["rows"])
+            problems = checked["problems"]
             if problems:
                 rows = len({problem["line"] for problem in problems})
                 more = " (the first 100 problems)" if len(problems) >= MAX_PROBLEMS else ""
                 raise InputError(
                     f"{name}: {rows} bad row{'s' if rows != 1 else ''}{more} listed above; "
                     "nothing was applied",
-                    [_problem_line(problem, staged) for problem in problems],
+                    [_problem_line(problem, [part for part, _ in parts]) for problem in problems],
                 )
-            bounds = load["chunks"]
+            bounds = checked["chunks"]
             chunks = list(zip(bounds, [*bounds[1:], None], strict=True)) if bounds else []
+            while len(sessions) < min(jobs, len(chunks)):
+                sessions.append(connect(database_url))
             bar.start("apply", len(chunks))
-            for number, (low, below) in enumerate(chunks, start=1):
-                key = f"{idempotency_key}:{number}" if idempotency_key else None
-                try:
-                    result = conn.execute(APPLY_CHUNK, (low, below, key)).fetchone()[0]
-                    conn.commit()
-                except psycopg.Error as exc:
-                    conn.rollback()
-                    raise _chunk_error(exc, number, len(chunks)) from exc
-                summary.add(result)
-                bar.update(1)
-    finally:
-        bar.close()
+            _apply_chunks(sessions, load, chunks, idempotency_key, summary, bar)
+        except BaseException:
+            _close_load(sessions, load, quietly=True)
+            raise
+        finally:
+            bar.close()
+        # The total once every chunk committed (they commit in no particular order).
+        summary.global_total_lbs = _close_load(sessions, load)["global_total_lbs"]
     return summary.as_json()
 
 
-def _chunk_error(exc: psycopg.Error, number: int, total: int) -> CliError:
-    """An error while applying: say which chunks committed, so that a rerun is clearly safe."""
-    committed = (
-        f"chunks 1-{number - 1} of {total} committed" if number > 1 else "no chunk committed"
-    )
+def _close_load(
+    sessions: list[psycopg.Connection], load: str, *, quietly: bool = False
+) -> dict[str, Any]:
+    """End the load (its checked rows go) and close the sessions but the first; after a failure,
+    ``quietly``: the first error is the one to report."""
+    for session in sessions[1:]:
+        session.close()
+    conn = sessions[0]
+    try:
+        conn.rollback()
+        closed = conn.execute(CLOSE_LOAD, (load,)).fetchone()[0]
+        conn.commit()
+    except psycopg.Error:
+        if not quietly:
+            raise
+        return {}
+    return closed
+
+
+def _chunk_error(exc: psycopg.Error, number: int, total: int, committed: int) -> CliError:
+    """An error while applying: say how many chunks committed, so that a rerun is clearly safe."""
+    done = f"{committed} of {total} chunks committed" if committed else "no chunk committed"
     error = to_cli_error(exc, prefix=f"chunk {number} of {total}: ")
-    error.message += f" ({committed}; run the same command again to finish the load)"
+    error.message += f" ({done}; run the same command again to finish the load)"
     return error

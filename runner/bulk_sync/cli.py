@@ -20,7 +20,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bulk_sync import __version__, embedded, events, paths
-from bulk_sync.backfill import DEFAULT_BATCH_SIZE, FORMATS, MAX_BATCH_SIZE, backfill
+from bulk_sync.backfill import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_JOBS,
+    FORMATS,
+    MAX_BATCH_SIZE,
+    MAX_JOBS,
+    backfill,
+)
 from bulk_sync.db import call_json, connect, resolve_url, to_cli_error
 from bulk_sync.errors import EXIT_BAD_INPUT, EXIT_DATABASE, EXIT_OUT_OF_SYNC, CliError
 from bulk_sync.jsonutil import dumps, loads
@@ -208,6 +215,14 @@ def log(
     metavar="K",
     help="Chunk n is applied with the key K:n, so a rerun of the same file replays.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, MAX_JOBS),
+    default=DEFAULT_JOBS,
+    show_default=True,
+    help="Database sessions that stage and check a large CSV or NDJSON file at once, "
+    "one part each.",
+)
 @click.pass_context
 def backfill_command(
     ctx: click.Context,
@@ -215,6 +230,7 @@ def backfill_command(
     fmt: str | None,
     batch_size: int,
     idempotency_key: str | None,
+    jobs: int,
 ) -> None:
     """Load a file of actions (CSV, NDJSON or JSON; - for stdin).
 
@@ -229,6 +245,7 @@ def backfill_command(
         fmt=fmt,
         batch_size=batch_size,
         idempotency_key=idempotency_key,
+        jobs=jobs,
         progress=sys.stderr.isatty(),
     )
     _print_json(summary, compact=True)

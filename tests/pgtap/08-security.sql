@@ -2,7 +2,7 @@
 -- tables, every SECURITY DEFINER function pinned to a search_path ending in pg_temp, and a caller's
 -- objects in another schema (public.now(), public.jsonb_typeof()) unable to hijack the API.
 BEGIN;
-SELECT plan(56);
+SELECT plan(57);
 
 CREATE SCHEMA tests;
 
@@ -111,8 +111,10 @@ SELECT is(
     '{}'::text[], 'the admin can execute every contract function, reconcile included');
 SELECT is(
     (SELECT coalesce(array_agg(rel::text ORDER BY rel::text), '{}') FROM tests.relations
-      WHERE NOT has_table_privilege('bulk_sync_reader', rel, 'SELECT')),
-    '{}'::text[], 'the reader can SELECT every bulk_sync table and view');
+      WHERE NOT has_table_privilege('bulk_sync_reader', rel, 'SELECT') AND rel <> 'bulk_sync._loads'::regclass),
+    '{}'::text[], 'the reader can SELECT every bulk_sync table and view but _loads');
+SELECT ok(NOT has_table_privilege('bulk_sync_reader', 'bulk_sync._loads', 'SELECT'),
+          'the reader cannot read the tokens of the loads in progress (bulk_sync._loads)');
 SELECT is(has_schema_privilege('bulk_sync_reader', 'bulk_sync', 'USAGE'), true, 'the reader can use the schema');
 SELECT is(has_schema_privilege('bulk_sync_writer', 'bulk_sync', 'USAGE'), true, 'the writer can use the schema');
 

@@ -1,9 +1,10 @@
--- _stage_apply: applies the checked rows of users p_from <= user_id < p_below (NULL: unbounded) in the
--- caller's transaction: one INSERT of the new actions, then the verification of known pending ones. The
+-- _stage_apply: applies the checked rows of load p_load for users p_from <= user_id < p_below (NULL:
+-- unbounded) in the caller's transaction: one INSERT of the new actions, then the verification of known pending ones. The
 -- triggers on user_actions move the totals, once per user.
 CREATE OR REPLACE FUNCTION bulk_sync._stage_apply(
-    p_from             uuid DEFAULT NULL,
-    p_below            uuid DEFAULT NULL,
+    p_load             uuid,
+    p_from             uuid,
+    p_below            uuid,
     p_row_format       text DEFAULT 'line %s',
     p_via              text DEFAULT 'bulk_backfill',
     p_idempotency_key  text DEFAULT NULL)
@@ -22,7 +23,7 @@ DECLARE
     v_conflict  record;
     v_result    jsonb;
 BEGIN
-    PERFORM bulk_sync._stage_guard();
+    PERFORM bulk_sync._load_held(p_load);
 
     -- With a key, the chunk is idempotent like a bulk_backfill call: a repeat of the same rows replays.
     IF p_idempotency_key IS NOT NULL THEN
@@ -31,8 +32,8 @@ BEGIN
             (SELECT sha256(convert_to(string_agg(format('%s %s %s %s %s %s', l.action_id, l.user_id, l.lbs,
                                                         l.logged_at, l.verified, l.metadata), E'\n'
                                                  ORDER BY l.line), 'UTF8'))
-               FROM pg_temp.bulk_sync_load AS l
-              WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)),
+               FROM bulk_sync._load_rows AS l
+              WHERE l.load = p_load AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)),
             p_via);
         IF v_result IS NOT NULL THEN
             RETURN v_result || jsonb_build_object('replayed', true,
@@ -43,8 +44,8 @@ BEGIN
     -- Users first (see _lock_users), in user_id order, so the triggers below only touch rows already held:
     -- the users of verified rows that are new or would verify a pending action. A rerun of a load that
     -- was applied changes no user, and locks none.
-    PERFORM bulk_sync._lock_users(ARRAY(SELECT l.user_id FROM pg_temp.bulk_sync_load AS l
-                                         WHERE l.verified AND (NOT l.known OR l.pending)
+    PERFORM bulk_sync._lock_users(ARRAY(SELECT l.user_id FROM bulk_sync._load_rows AS l
+                                         WHERE l.load = p_load AND l.verified AND (NOT l.known OR l.pending)
                                            AND (l.user_id >= p_from OR p_from IS NULL)
                                            AND (l.user_id < p_below OR p_below IS NULL)));
 
@@ -56,8 +57,8 @@ BEGIN
             INSERT INTO bulk_sync.user_actions AS a
                    (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
             SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
-              FROM pg_temp.bulk_sync_load AS l
-             WHERE NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+              FROM bulk_sync._load_rows AS l
+             WHERE l.load = p_load AND NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
              ORDER BY l.action_id
             RETURNING a.user_id, a.verified
         )
@@ -70,8 +71,8 @@ BEGIN
             INSERT INTO bulk_sync.user_actions AS a
                    (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
             SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
-              FROM pg_temp.bulk_sync_load AS l
-             WHERE NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+              FROM bulk_sync._load_rows AS l
+             WHERE l.load = p_load AND NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
              ORDER BY l.action_id
                 ON CONFLICT (action_id) DO NOTHING
             RETURNING a.user_id, a.verified
@@ -81,9 +82,9 @@ BEGIN
           FROM inserted AS i;
     END;
 
-    SELECT coalesce(sum(l.copies), 0), count(*) FILTER (WHERE l.verified AND l.pending) INTO v_rows, v_pending
-      FROM pg_temp.bulk_sync_load AS l
-     WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
+    SELECT coalesce(sum(l.copies), 0)::bigint, count(*) FILTER (WHERE l.verified AND l.pending) INTO v_rows, v_pending
+      FROM bulk_sync._load_rows AS l
+     WHERE l.load = p_load AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
 
     -- Known actions (a rerun, a resubmission): the same facts were checked by _stage_load, and after a
     -- race they are checked here; a verified row verifies a stored pending action (never a revoked one),
@@ -93,12 +94,12 @@ BEGIN
             SELECT l.line, l.action_id, l.user_id, l.lbs, l.logged_at,
                    a.user_id AS stored_user_id, a.emissions_saved_lbs AS stored_lbs, a.logged_at AS stored_logged_at
               INTO v_conflict
-              FROM pg_temp.bulk_sync_load AS l
+              FROM bulk_sync._load_rows AS l
              CROSS JOIN LATERAL (SELECT x.user_id, x.emissions_saved_lbs, x.logged_at
                                    FROM bulk_sync.user_actions AS x
                                   WHERE x.action_id = l.action_id
                                   LIMIT 1) AS a
-             WHERE (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+             WHERE l.load = p_load AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
                AND (a.user_id, a.emissions_saved_lbs, a.logged_at) IS DISTINCT FROM (l.user_id, l.lbs, l.logged_at)
              ORDER BY l.line
              LIMIT 1;
@@ -113,8 +114,8 @@ BEGIN
         WITH locked AS (
             -- One primary-key probe per wanted action, locked in action_id order.
             SELECT a.action_id
-              FROM (SELECT l.action_id FROM pg_temp.bulk_sync_load AS l
-                     WHERE l.verified AND (l.pending OR v_raced)
+              FROM (SELECT l.action_id FROM bulk_sync._load_rows AS l
+                     WHERE l.load = p_load AND l.verified AND (l.pending OR v_raced)
                        AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
                      ORDER BY l.action_id) AS w
              CROSS JOIN LATERAL (SELECT x.action_id FROM bulk_sync.user_actions AS x
@@ -152,5 +153,5 @@ BEGIN
     RETURN v_result;
 END
 $$;
-COMMENT ON FUNCTION bulk_sync._stage_apply(uuid, uuid, text, text, text) IS
-    'Internal to bulk loads: applies the rows _stage_load checked for users in [p_from, p_below) (NULL: unbounded). With p_idempotency_key a repeat of the same rows replays the first result. Returns {"rows", "inserted_count", "skipped_count", "verified_count", "affected_users", "replayed", "global_total_lbs"}.';
+COMMENT ON FUNCTION bulk_sync._stage_apply(uuid, uuid, uuid, text, text, text) IS
+    'Internal to bulk loads: applies the checked rows of load p_load for users in [p_from, p_below) (NULL: unbounded). With p_idempotency_key a repeat of the same rows replays the first result. Returns {"rows", "inserted_count", "skipped_count", "verified_count", "affected_users", "replayed", "global_total_lbs"}.';
