@@ -1085,8 +1085,10 @@ def target_2(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
             f"{rss_big / 1024:,.1f} MiB at {sizes.csv_rows:,} rows",
             f"{rss_small / 1024:,.1f} MiB at {sizes.csv_rows_small:,} rows",
             rss_big / rss_small,
-            "≈ 1",
-            abs(rss_big / rss_small - 1) < 0.25,
+            "≤ 1.25",
+            # Flat: five times the rows never take more memory. Less is fine (COPY's queue fills
+            # differently from run to run, up to 64 MiB per part).
+            rss_big / rss_small <= 1.25,
         )
     )
     say(f"  (small file: {small_s:.2f} s, {sizes.csv_rows_small / small_s:,.0f} rows/s)")
