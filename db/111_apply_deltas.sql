@@ -1,28 +1,27 @@
--- _apply_deltas: applies per-user changes of the counted set to user_stats, one global slot and the event
--- outbox, in the caller's transaction. With its one-row twin _apply_gain, the only code that moves totals.
-CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(
-    p_user_ids    uuid[],
-    p_lbs         numeric[],
-    p_counts      integer[],
-    p_latest      timestamptz[],
-    p_removed     boolean[],
-    p_action_ids  uuid[],
-    p_kinds       text[])
+-- _apply_deltas: applies changes of the counted set to user_stats, one global slot and the event
+-- outbox, in the caller's transaction: one _user_delta per user, in user_id order. The only code
+-- that moves totals; the three count triggers (db/120-122) are its only callers.
+CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(p_deltas bulk_sync._user_delta[])
 RETURNS void
 LANGUAGE plpgsql
--- Its statements take array parameters, for which PL/pgSQL keeps choosing custom plans and so
+-- Its statements take an array parameter, for which PL/pgSQL keeps choosing custom plans and so
 -- re-plans the big statement below on every call; the generic plan is as good and saves ~0.4 ms.
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-    v_delta     numeric;
-    v_removed   uuid[];
-    v_slots     bigint;
-    v_global    numeric;
+    v_delta    numeric;
+    v_removed  uuid[];
+    v_slots    bigint;
 BEGIN
-    SELECT coalesce(sum(d.lbs), 0), array_agg(d.user_id ORDER BY d.user_id) FILTER (WHERE d.removed)
-      INTO v_delta, v_removed
-      FROM unnest(p_lbs, p_removed, p_user_ids) AS d(lbs, removed, user_id);
+    -- One user (every log_action) needs no query to sum the change.
+    IF cardinality(p_deltas) = 1 THEN
+        v_delta := (p_deltas[1]).lbs;
+        v_removed := CASE WHEN (p_deltas[1]).removed THEN ARRAY[(p_deltas[1]).user_id] END;
+    ELSE
+        SELECT coalesce(sum(d.lbs), 0), array_agg(d.user_id ORDER BY d.user_id) FILTER (WHERE d.removed)
+          INTO v_delta, v_removed
+          FROM unnest(p_deltas) AS d;
+    END IF;
 
     -- A user who lost a counted action already has a row (a CHECK would reject a negative insert):
     -- lock those rows first, in user_id order, so that the UPDATE below takes its snapshot after
@@ -40,18 +39,15 @@ BEGIN
                                         FROM bulk_sync.user_actions AS a
                                        WHERE a.user_id = s.user_id AND a.verified AND NOT a.revoked),
                last_updated        = now()
-          FROM unnest(p_user_ids, p_lbs, p_counts, p_removed) AS d(user_id, lbs, n, removed)
+          FROM unnest(p_deltas) AS d
          WHERE d.removed AND s.user_id = d.user_id;
     END IF;
 
-    -- The slots are read before the statement below moves one of them, hence "+ v_delta".
-    v_global := bulk_sync._current_global_total() + v_delta;
-
     -- Everything else in one statement: users who only gained counted actions (the row is created
-    -- on a user's first action), the writer's global slot, and one outbox event per user.
+    -- on a user's first action), the writer's global slot, and one outbox event per user. Its
+    -- parts all read the slots as they were before it, hence "+ v_delta" for the events' total.
     WITH d AS (
-        SELECT * FROM unnest(p_user_ids, p_lbs, p_counts, p_latest, p_removed, p_action_ids, p_kinds)
-                   AS d(user_id, lbs, n, latest, removed, action_id, kind)
+        SELECT * FROM unnest(p_deltas)
     ), gained AS (
         INSERT INTO bulk_sync.user_stats AS s (user_id, total_emissions_lbs, action_count, last_action_at, last_updated)
         SELECT d.user_id, d.lbs, d.n, d.latest, now() FROM d WHERE NOT d.removed ORDER BY d.user_id
@@ -73,8 +69,11 @@ BEGIN
         RETURNING g.slot
     ), events AS (
         INSERT INTO bulk_sync._event_outbox (payload)
-        SELECT bulk_sync._event_payload(d.kind, d.user_id, d.action_id, t.total_emissions_lbs, t.action_count, v_global)
-          FROM d JOIN totals AS t ON t.user_id = d.user_id
+        SELECT bulk_sync._event_payload(d.kind, d.user_id, d.action_id, t.total_emissions_lbs, t.action_count,
+                                        g.total + v_delta)
+          FROM d
+          JOIN totals AS t ON t.user_id = d.user_id
+         CROSS JOIN (SELECT bulk_sync._current_global_total() AS total) AS g
          ORDER BY d.user_id
     )
     SELECT count(*) INTO v_slots FROM slot;

@@ -6,48 +6,36 @@ LANGUAGE plpgsql
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_user_ids    uuid[];
-    v_lbs         numeric[];
-    v_counts      integer[];
-    v_latest      timestamptz[];
-    v_action_ids  uuid[];
-    v_one         record;
+    v_first   record;
+    v_deltas  bulk_sync._user_delta[];
 BEGIN
-    -- One counted action (a log_action call): the single-row path, no per-user arrays.
+    -- The first counted action and how many there are: a single one (every log_action that counts)
+    -- is its user's whole change, with nothing to group (grouping costs it ~8% of its time).
     SELECT n.user_id, n.emissions_saved_lbs, n.logged_at, n.action_id, count(*) OVER () AS counted
-      INTO v_one
+      INTO v_first
       FROM new_actions AS n
      WHERE n.verified AND NOT n.revoked
      LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;
-    ELSIF v_one.counted = 1 THEN
-        PERFORM bulk_sync._apply_gain(v_one.user_id, v_one.emissions_saved_lbs, v_one.logged_at, v_one.action_id, 'logged');
-        RETURN NULL;
+    ELSIF v_first.counted = 1 THEN
+        v_deltas := ARRAY[(v_first.user_id, v_first.emissions_saved_lbs, 1, v_first.logged_at, false,
+                           v_first.action_id, 'logged')::bulk_sync._user_delta];
+    ELSE
+        SELECT array_agg((g.user_id, g.lbs, g.n, g.latest, false, g.action_id, 'logged')::bulk_sync._user_delta
+                         ORDER BY g.user_id)
+          INTO v_deltas
+          FROM (SELECT n.user_id,
+                       sum(n.emissions_saved_lbs) AS lbs,
+                       count(*)::integer AS n,
+                       max(n.logged_at) AS latest,
+                       CASE WHEN count(*) = 1 THEN (array_agg(n.action_id))[1] END AS action_id
+                  FROM new_actions AS n
+                 WHERE n.verified AND NOT n.revoked
+                 GROUP BY n.user_id) AS g;
     END IF;
 
-    SELECT array_agg(g.user_id ORDER BY g.user_id),
-           array_agg(g.lbs ORDER BY g.user_id),
-           array_agg(g.n ORDER BY g.user_id),
-           array_agg(g.latest ORDER BY g.user_id),
-           array_agg(g.action_id ORDER BY g.user_id)
-      INTO v_user_ids, v_lbs, v_counts, v_latest, v_action_ids
-      FROM (SELECT n.user_id,
-                   sum(n.emissions_saved_lbs) AS lbs,
-                   count(*)::integer AS n,
-                   max(n.logged_at) AS latest,
-                   CASE WHEN count(*) = 1 THEN (array_agg(n.action_id))[1] END AS action_id
-              FROM new_actions AS n
-             WHERE n.verified AND NOT n.revoked
-             GROUP BY n.user_id) AS g;
-
-    IF v_user_ids IS NOT NULL THEN
-        PERFORM bulk_sync._apply_deltas(
-            v_user_ids, v_lbs, v_counts, v_latest,
-            array_fill(false, ARRAY[cardinality(v_user_ids)]),
-            v_action_ids,
-            array_fill('logged'::text, ARRAY[cardinality(v_user_ids)]));
-    END IF;
+    PERFORM bulk_sync._apply_deltas(v_deltas);
     RETURN NULL;
 END
 $$;

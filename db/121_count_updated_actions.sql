@@ -7,13 +7,7 @@ LANGUAGE plpgsql
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_user_ids    uuid[];
-    v_lbs         numeric[];
-    v_counts      integer[];
-    v_latest      timestamptz[];
-    v_removed     boolean[];
-    v_action_ids  uuid[];
-    v_kinds       text[];
+    v_deltas  bulk_sync._user_delta[];
 BEGIN
     WITH changed AS (
         SELECT o.action_id AS old_id, n.action_id AS new_id,
@@ -51,15 +45,13 @@ BEGIN
           FROM moves AS m
          GROUP BY m.user_id
     )
-    SELECT array_agg(p.user_id ORDER BY p.user_id), array_agg(p.lbs ORDER BY p.user_id),
-           array_agg(p.n ORDER BY p.user_id), array_agg(p.latest ORDER BY p.user_id),
-           array_agg(p.removed ORDER BY p.user_id), array_agg(p.action_id ORDER BY p.user_id),
-           array_agg(p.kind ORDER BY p.user_id)
-      INTO v_user_ids, v_lbs, v_counts, v_latest, v_removed, v_action_ids, v_kinds
+    SELECT array_agg((p.user_id, p.lbs, p.n, p.latest, p.removed, p.action_id, p.kind)::bulk_sync._user_delta
+                     ORDER BY p.user_id)
+      INTO v_deltas
       FROM per_user AS p;
 
-    IF v_user_ids IS NOT NULL THEN
-        PERFORM bulk_sync._apply_deltas(v_user_ids, v_lbs, v_counts, v_latest, v_removed, v_action_ids, v_kinds);
+    IF v_deltas IS NOT NULL THEN
+        PERFORM bulk_sync._apply_deltas(v_deltas);
     END IF;
     RETURN NULL;
 END

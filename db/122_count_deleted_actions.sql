@@ -6,14 +6,11 @@ LANGUAGE plpgsql
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_user_ids    uuid[];
-    v_lbs         numeric[];
-    v_counts      integer[];
-    v_action_ids  uuid[];
+    v_deltas  bulk_sync._user_delta[];
 BEGIN
-    SELECT array_agg(g.user_id ORDER BY g.user_id), array_agg(g.lbs ORDER BY g.user_id),
-           array_agg(g.n ORDER BY g.user_id), array_agg(g.action_id ORDER BY g.user_id)
-      INTO v_user_ids, v_lbs, v_counts, v_action_ids
+    SELECT array_agg((g.user_id, g.lbs, g.n, NULL, true, g.action_id, 'deleted')::bulk_sync._user_delta
+                     ORDER BY g.user_id)
+      INTO v_deltas
       FROM (SELECT o.user_id,
                    -sum(o.emissions_saved_lbs) AS lbs,
                    -count(*)::integer AS n,
@@ -22,13 +19,8 @@ BEGIN
              WHERE o.verified AND NOT o.revoked
              GROUP BY o.user_id) AS g;
 
-    IF v_user_ids IS NOT NULL THEN
-        PERFORM bulk_sync._apply_deltas(
-            v_user_ids, v_lbs, v_counts,
-            array_fill(NULL::timestamptz, ARRAY[cardinality(v_user_ids)]),
-            array_fill(true, ARRAY[cardinality(v_user_ids)]),
-            v_action_ids,
-            array_fill('deleted'::text, ARRAY[cardinality(v_user_ids)]));
+    IF v_deltas IS NOT NULL THEN
+        PERFORM bulk_sync._apply_deltas(v_deltas);
     END IF;
     RETURN NULL;
 END

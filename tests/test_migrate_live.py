@@ -323,6 +323,7 @@ def test_upgrade_from_the_first_release_equals_a_fresh_install(
         "0005.leaderboard-key",
         "0006.definitions-state",
         "0007.shared-load",
+        "0008.user-delta",
     ]
     migrate(fresh)
     with connect(old) as upgraded, connect(fresh) as installed:

@@ -34,6 +34,7 @@ MIGRATION_IDS = [
     "0005.leaderboard-key",
     "0006.definitions-state",
     "0007.shared-load",
+    "0008.user-delta",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -260,7 +261,10 @@ def test_upgrade_from_0001_keeps_every_row_and_total(empty_db: str) -> None:
 
 
 def _check_after_rollback(conn: psycopg.Connection, migration_id: str) -> None:
-    if migration_id == "0007.shared-load":
+    if migration_id == "0008.user-delta":
+        assert scalar(conn, "SELECT to_regtype('bulk_sync._user_delta') IS NULL")
+        assert relation_exists(conn, "bulk_sync._load_rows")
+    elif migration_id == "0007.shared-load":
         assert not relation_exists(conn, "bulk_sync._load_rows")
         assert not relation_exists(conn, "bulk_sync._loads")
         assert relation_exists(conn, "bulk_sync._definitions_state")

@@ -233,8 +233,8 @@ RESET TimeZone;
 SELECT is(tests.totals(), ARRAY['20.000000', '20.000000', '20.000000'], 'invariant holds at the end');
 
 ------------------------------------------------------------------------------------------------------
--- One counted action takes the one-row path (_apply_gain), several take the per-user arrays
--- (_apply_deltas): the same totals and events either way, and neither loses an amount when the
+-- One counted action (a single _user_delta, summed without a query) and several users' actions
+-- in one statement: the same totals and events either way, and neither loses an amount when the
 -- writer's global slot is missing.
 INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
 VALUES ('00000000-0000-4000-8000-0000000000f1', '00000000-0000-4000-8000-0000000000e1', '0.000001', true, now(), now() - interval '1 hour'),
@@ -245,7 +245,7 @@ SELECT results_eq(
              payload ->> 'action_count', payload ->> 'global_total_lbs'
         FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 1$$,
     $$VALUES ('logged', '00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-0000000000f1', '0.000001', '1', '20.000001')$$,
-    'the one-row path writes the event the batch path would');
+    'one user''s change writes the event a batch would');
 
 INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
 VALUES ('00000000-0000-4000-8000-0000000000f3', '00000000-0000-4000-8000-0000000000e1', '1.000000', true, now(), now() - interval '1 hour'),
