@@ -233,8 +233,8 @@ RESET TimeZone;
 SELECT is(tests.totals(), ARRAY['20.000000', '20.000000', '20.000000'], 'invariant holds at the end');
 
 ------------------------------------------------------------------------------------------------------
--- One counted action (a single _user_delta, summed without a query) and several users' actions
--- in one statement: the same totals and events either way, and neither loses an amount when the
+-- One counted action (one user gaining: _apply_deltas' one-row statements) and several users'
+-- actions in one statement (its set statement): the same totals and events either way, and neither loses an amount when the
 -- writer's global slot is missing.
 INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, verified_at, logged_at)
 VALUES ('00000000-0000-4000-8000-0000000000f1', '00000000-0000-4000-8000-0000000000e1', '0.000001', true, now(), now() - interval '1 hour'),
