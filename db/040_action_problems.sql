@@ -12,7 +12,8 @@ CREATE OR REPLACE FUNCTION bulk_sync._action_problems(
     p_metadata   text DEFAULT NULL)
 RETURNS TABLE (field text, reason text, value text)
 LANGUAGE sql
-STABLE PARALLEL SAFE
+-- PARALLEL UNSAFE like _json_object, which it calls for a CSV row's metadata.
+STABLE PARALLEL UNSAFE
 AS $$
     -- One reason per field (NULL: fine). A valid action costs one pass over them (the WHERE); only an
     -- invalid one is unpivoted into rows, with the values for DETAIL.

@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(324);
+SELECT plan(326);
 
 \ir fixtures/common.sql
 
@@ -276,6 +276,30 @@ SELECT lives_ok(format('SELECT bulk_sync.log_action(%L::jsonb)', jsonb_build_obj
         'action_id', '00000000-0000-4000-8000-0000000000f6', 'user_id', '00000000-0000-4000-8000-000000000006',
         'lbs', '1', 'logged_at', to_char(now() AT TIME ZONE 'UTC' + interval '4 minutes', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))),
     'logged_at 4 minutes ahead with Z is accepted');
+
+-- The rules run anywhere a query can, in a parallel worker too: a CSV field that is not JSON is caught
+-- in _json_object's exception block, which a worker cannot enter, so the planner must keep it in the
+-- leader. Forced parallel mode runs the query below in a worker whenever its functions allow it.
+CREATE TABLE tests.csv_metadata AS
+SELECT g AS line, CASE WHEN g % 2 = 0 THEN 'not json' ELSE '{"note": 1}' END AS metadata
+  FROM generate_series(1, 10) AS g;
+ANALYZE tests.csv_metadata;
+DO $$
+BEGIN
+    PERFORM set_config(CASE WHEN current_setting('server_version_num')::integer >= 160000
+                            THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'on', true);
+END
+$$;
+SELECT results_eq(
+    $$SELECT m.line, r.field, r.reason
+        FROM tests.csv_metadata AS m
+       CROSS JOIN LATERAL bulk_sync._action_problems(NULL, '00000000-0000-4000-8000-0000000000f7',
+                 '00000000-0000-4000-8000-000000000006', '1', '2025-11-05T10:00:00Z', 'true', m.metadata) AS r
+       ORDER BY m.line$$,
+    $$SELECT g::integer, 'metadata', 'must be a JSON object' FROM generate_series(2, 10, 2) AS g$$,
+    'CSV metadata that is not JSON is found with parallel query forced');
+SELECT is((SELECT proparallel FROM pg_proc WHERE oid = 'bulk_sync._json_object(text)'::regprocedure), 'u',
+    '_json_object, with its exception block, is parallel unsafe');
 
 SELECT * FROM finish();
 ROLLBACK;
