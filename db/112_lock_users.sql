@@ -1,14 +1,35 @@
--- _lock_users: takes the user_stats rows of the given users, in user_id order, creating missing ones.
--- Every writer calls it before it touches an action, so locks are always taken users first, then
--- actions, then one slot: writers can wait for each other but never in a cycle.
+-- _lock_users: takes the user_stats rows of the given users, in user_id order, creating missing ones,
+-- and returns the users whose rows it created. Every writer calls it before it touches an action, so
+-- locks are always taken users first, then actions, then one slot: writers can wait for each other
+-- but never in a cycle.
+
+-- Earlier releases returned void, and CREATE OR REPLACE cannot change a return type.
+DO $$
+BEGIN
+    IF to_regprocedure('bulk_sync._lock_users(uuid[])') IS NOT NULL
+       AND (SELECT p.prorettype FROM pg_catalog.pg_proc AS p
+             WHERE p.oid = to_regprocedure('bulk_sync._lock_users(uuid[])')) = 'pg_catalog.void'::regtype THEN
+        DROP FUNCTION bulk_sync._lock_users(uuid[]);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION bulk_sync._lock_users(p_user_ids uuid[])
-RETURNS void
+RETURNS uuid[]
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_created  uuid[];
 BEGIN
-    -- ON CONFLICT DO UPDATE locks the existing row even when its WHERE is false.
-    INSERT INTO bulk_sync.user_stats AS s (user_id)
-    SELECT DISTINCT u.user_id FROM unnest(p_user_ids) AS u(user_id) ORDER BY 1
-        ON CONFLICT (user_id) DO UPDATE SET last_updated = excluded.last_updated WHERE false;
+    -- ON CONFLICT DO UPDATE locks the existing row even when its WHERE is false, and returns only
+    -- the rows it inserted.
+    WITH created AS (
+        INSERT INTO bulk_sync.user_stats AS s (user_id)
+        SELECT DISTINCT u.user_id FROM unnest(p_user_ids) AS u(user_id) ORDER BY 1
+            ON CONFLICT (user_id) DO UPDATE SET last_updated = excluded.last_updated WHERE false
+        RETURNING s.user_id
+    )
+    SELECT coalesce(array_agg(c.user_id), '{}') INTO v_created FROM created AS c;
+    RETURN v_created;
 END
 $$;

@@ -20,9 +20,7 @@ BEGIN
     -- had no row yet is noted: _lock_users creates one, which a user named only by conflicting
     -- actions must not keep (log_action's BS002 rolls its own back).
     v_users := ARRAY(SELECT DISTINCT i.user_id FROM unnest(p_items) AS i WHERE i.verified);
-    v_new_users := ARRAY(SELECT u FROM unnest(v_users) AS u
-                          WHERE NOT EXISTS (SELECT FROM bulk_sync.user_stats AS s WHERE s.user_id = u));
-    PERFORM bulk_sync._lock_users(v_users);
+    v_new_users := bulk_sync._lock_users(v_users);
     v_global := bulk_sync._current_global_total();
 
     -- Each action is decided as log_action decides it against what the earlier actions of the batch left:
