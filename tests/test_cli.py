@@ -365,6 +365,36 @@ def test_backfill_json_array_keeps_exact_numbers(db_url: str, tmp_path: Path) ->
     assert user_totals(db_url) == {user: "0.300000"}
 
 
+def test_json_reads_exact_decimals_from_text_and_bytes(db_url: str) -> None:
+    """The one decoder the runner shares, psycopg's jsonb loader included (it hands it bytes)."""
+    document = '{"lbs": 0.1, "n": 3, "big": 123456789012345678.123456}'
+    expected = {"lbs": Decimal("0.1"), "n": 3, "big": Decimal("123456789012345678.123456")}
+    for encoded in (
+        document,
+        document.encode(),
+        b"\xef\xbb\xbf" + document.encode(),
+        document.encode("utf-16"),
+        memoryview(document.encode()),
+    ):
+        value = loads(encoded)
+        assert value == expected
+        assert type(value["lbs"]) is Decimal
+        assert type(value["n"]) is int
+    for bad, why in (
+        ("NaN", "NaN is not valid JSON"),
+        ('{"lbs": Infinity}', "Infinity is not valid JSON"),
+        ("[-Infinity]", "-Infinity is not valid JSON"),
+        ("\ufeff{}", "Expecting value"),
+        ("{", "Expecting property name"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            loads(bad)
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT %s::jsonb, '[1e-6]'::jsonb", (document,)).fetchone()
+    assert row == (expected, [Decimal("0.000001")])
+    assert type(row[0]["lbs"]) is Decimal
+
+
 def test_backfill_chunks_by_user_and_replays_with_an_idempotency_key(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -8,11 +8,8 @@ schema or function, a failed connection, or any other database error is 3.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import re
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -20,12 +17,13 @@ from psycopg.types.json import set_json_loads
 
 from bulk_sync import embedded
 from bulk_sync.errors import EXIT_BAD_INPUT, EXIT_DATABASE, CliError
+from bulk_sync.jsonutil import loads
 
 APP_NAME = "bulk-sync"
 MIGRATE_HINT = "run `bulk-sync migrate` to install the bulk_sync schema"
 
 # json/jsonb values come back with exact decimals, never floats.
-set_json_loads(functools.partial(json.loads, parse_float=Decimal))
+set_json_loads(loads)
 
 
 def resolve_url(database_url: str | None = None) -> str:
