@@ -42,6 +42,8 @@ CHANNEL = "bulk_sync_leaderboard"
 LOCK_CLASSID = 1651862635
 LOCK_WORKER = 1
 CATCH_UP_LIMIT = 1000
+PAGE_SQL = "SELECT event_id, payload FROM bulk_sync.events_since(%s, %s)"
+PAGE_TEXT_SQL = "SELECT event_id, payload::text FROM bulk_sync.events_since(%s, %s)"
 SAFETY_POLL_S = 5.0
 PUBLISH_EVERY_S = 0.2
 STANDBY_RETRY_S = 0.5
@@ -140,6 +142,7 @@ def follow(
     poll_every_s: float = SAFETY_POLL_S,
     role: str | None = None,
     retry_first: bool = False,
+    payload_text: bool = False,
 ) -> int:
     """Hand every event after ``after`` to ``emit``, page by page, then follow live until stopped.
 
@@ -147,7 +150,8 @@ def follow(
     ``poll_every_s`` (``events_since`` publishes pending events itself, so polling alone works
     without a worker). A lost connection is retried with backoff and resumes after the last id
     emitted: nothing missed, nothing twice. The first connection failure raises a ``CliError``
-    unless ``retry_first``. ``role`` is set for the session (``SET ROLE``). Returns the last id.
+    unless ``retry_first``. ``role`` is set for the session (``SET ROLE``). With ``payload_text``
+    each payload is the JSON text PostgreSQL gives, not parsed. Returns the last id.
     """
     seen = _Cursor(after)
     conn: psycopg.Connection | None = None
@@ -161,12 +165,12 @@ def follow(
                 if attempt:
                     notice(f"reconnected; resuming after event {seen.last}")
                 attempt = 0
-            _drain(conn, seen, emit, stopper)
+            _drain(conn, seen, emit, stopper, payload_text)
             polled = time.monotonic()
             while not stopper.stopped:
                 woken = any(True for _ in conn.notifies(timeout=0.5, stop_after=1))
                 if woken or time.monotonic() - polled >= poll_every_s:
-                    _drain(conn, seen, emit, stopper)
+                    _drain(conn, seen, emit, stopper, payload_text)
                     polled = time.monotonic()
         except CliError as exc:  # a reconnect failed
             _lost(conn, stopper, notice, attempt, exc.message)
@@ -251,14 +255,16 @@ def _listen_connection(database_url: str, role: str | None = None) -> psycopg.Co
 
 
 def _drain(
-    conn: psycopg.Connection, seen: _Cursor, emit: Callable[[list[Row]], None], stopper: Stopper
+    conn: psycopg.Connection,
+    seen: _Cursor,
+    emit: Callable[[list[Row]], None],
+    stopper: Stopper,
+    payload_text: bool = False,
 ) -> None:
     """Hand on every event after ``seen.last``, page by page."""
+    query = PAGE_TEXT_SQL if payload_text else PAGE_SQL
     while not stopper.stopped:
-        rows = conn.execute(
-            "SELECT event_id, payload FROM bulk_sync.events_since(%s, %s)",
-            (seen.last, CATCH_UP_LIMIT),
-        ).fetchall()
+        rows = conn.execute(query, (seen.last, CATCH_UP_LIMIT)).fetchall()
         if rows:
             page = [(int(event_id), payload) for event_id, payload in rows]
             emit(page)

@@ -827,7 +827,7 @@ async def stream(request: Request) -> Response:
                     return
                 for event_id, payload in rows:
                     if event_id > last:
-                        yield sse_frame(event_id, dumps(payload))
+                        yield sse_frame(event_id, payload)
                         last = event_id
         except ApiError as exc:  # the database went away mid-stream: end it, the client resumes
             log.warning("event stream ended after event %s: %s", last, exc.message)
@@ -915,6 +915,7 @@ class EventHub:
                     poll_every_s=HUB_POLL_S,
                     role=ROLE[READER],
                     retry_first=True,
+                    payload_text=True,  # streamed as PostgreSQL writes it, like the catch-up pages
                 )
             except RuntimeError:  # the event loop is closed: the server is stopping
                 return
