@@ -5,6 +5,7 @@
   body PostgreSQL cannot read) get the responses the unbatched server gives to the same requests
   sent one at a time, in the order the batches applied them, to a fresh database;
 - batches form: PostgreSQL counts fewer log_actions and log_action calls than requests;
+- requests that fill a batch go out while another batch is still in flight;
 - a batch whose connection dies answers 503 to each of its requests and commits none of them;
 - SIGKILL mid-load: every action answered 200 is in the ledger, and the totals are exact.
 """
@@ -231,6 +232,56 @@ def test_concurrent_requests_share_log_actions_calls(
     assert batches >= 1, calls
     assert batches + alone == len(per_transaction), (calls, per_transaction)
     assert per_transaction[0] >= PARALLEL, per_transaction  # the pile behind the lock
+
+
+def test_a_full_batch_goes_out_beside_the_one_in_flight(
+    db_url: str, servers: Callable[..., Server]
+) -> None:
+    """With BULK_SYNC_BATCH_MAX=10, requests that fill a batch do not wait for the batch in
+    flight (stuck on a lock here): they are answered, in batches of at most 10, before it
+    returns."""
+    server = servers(db_url, {"BULK_SYNC_BATCH_MAX": "10"})
+    stuck_user = new_id()
+    stuck = body(new_id(), stuck_user, "1")
+    others = [body(new_id(), new_id(), "0.5") for _ in range(40)]
+    with connect(db_url) as seed:
+        seed.execute("INSERT INTO bulk_sync.user_stats (user_id) VALUES (%s)", [stuck_user])
+
+    with connect(db_url, autocommit=False) as blocker, connect(db_url) as watcher:
+        blocker.execute(
+            "SELECT 1 FROM bulk_sync.user_stats WHERE user_id = %s FOR UPDATE", [stuck_user]
+        )
+
+        async def load() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+            first = asyncio.create_task(post_all(server.base, [stuck]))
+            deadline = time.monotonic() + 10
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "the first call never waited on the lock"
+                await asyncio.sleep(0.05)
+            # All 40 answered while the first call still waits: none of them queued behind it.
+            rest = await asyncio.wait_for(post_all(server.base, others, parallel=40), 30)
+            assert not first.done()
+            blocker.rollback()
+            return await first, rest
+
+        first, rest = asyncio.run(load())
+    assert [status for status, _ in first] == [200]
+    assert [status for status, _ in rest] == [200] * 40
+    assert all(json.loads(text)["status"] == "inserted" for _, text in rest)
+    with connect(db_url) as conn:
+        per_transaction = [
+            n
+            for (n,) in conn.execute(
+                "SELECT count(*) FROM bulk_sync.user_actions GROUP BY xmin::text ORDER BY 1 DESC"
+            ).fetchall()
+        ]
+        assert sum(per_transaction) == 41
+        assert max(per_transaction) <= 10, per_transaction
+        assert len(per_transaction) < 41, per_transaction  # batched, not one by one
+        assert_exact_totals(conn, Decimal(1) + Decimal("0.5") * 40)
 
 
 # --------------------------------------------------------------------------- faults

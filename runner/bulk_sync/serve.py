@@ -11,7 +11,8 @@
   ``bulk_sync_*`` role (``bulk_sync_admin`` for an admin token), so PostgreSQL checks the
   boundary a second time. The login role must be a member of the three roles.
 - ``POST /api/actions/log`` goes through ``Coalescer``: requests that arrive while a batch is in
-  flight are sent together as one ``log_actions`` call when it returns (see that class).
+  flight are sent together as one ``log_actions`` call when it returns, or as soon as they fill
+  one (see that class).
 - ``GET /api/events/stream`` is fed by one ``events.follow`` per process (``EventHub``) in a
   thread; each client first catches up from the database through the pool.
 """
@@ -594,10 +595,12 @@ class _Waiter:
 class Coalescer:
     """Gathers concurrent ``POST /api/actions/log`` bodies into ``log_actions`` calls.
 
-    One batch is in flight per server process. A request that arrives while it is in flight
-    waits; when it returns, everything waiting (up to ``max_actions`` requests and
-    ``BATCH_MAX_BYTES`` of text) goes out at once. Nothing ever waits on a timer: an idle
-    server sends a lone request straight away, through the unbatched path.
+    A request that arrives while a batch is in flight waits; when the batch returns, everything
+    waiting (up to ``max_actions`` requests and ``max_bytes`` of text) goes out at once. A batch
+    that fills up goes out at once too, beside those in flight (at most ``max_full`` of them), so
+    that under more concurrent requests than one batch holds, PostgreSQL works on one batch
+    while this process reads and answers the requests of another. Nothing ever waits on a
+    timer: an idle server sends a lone request straight away, through the unbatched path.
 
     Each request is answered only after its batch committed, and always with what the unbatched
     path answers:
@@ -613,20 +616,32 @@ class Coalescer:
     """
 
     def __init__(
-        self, pool: AsyncConnectionPool, max_actions: int, max_bytes: int = BATCH_MAX_BYTES
+        self,
+        pool: AsyncConnectionPool,
+        max_actions: int,
+        max_bytes: int = BATCH_MAX_BYTES,
+        max_full: int = 1,
     ) -> None:
         self.pool = pool
         self.max_actions = max_actions
         self.max_bytes = max_bytes
+        self.max_full = max_full
         self.waiting: collections.deque[_Waiter] = collections.deque()
+        self.waiting_bytes = 0
         self.task: asyncio.Task[None] | None = None
+        self.full: set[asyncio.Task[None]] = set()
 
     async def log(self, level: int, body: str) -> str:
         """The response text for one log request, or its ``ApiError``."""
         waiter = _Waiter(level, body, asyncio.get_running_loop().create_future())
         self.waiting.append(waiter)
+        self.waiting_bytes += len(body) + 2
         if self.task is None:
             self.task = asyncio.create_task(self._drain())
+        elif self._filled() and len(self.full) < self.max_full:
+            task = asyncio.create_task(self._send_full())
+            self.full.add(task)
+            task.add_done_callback(self.full.discard)
         text = await waiter.future
         if text is None:
             text = await run_json(self.pool, level, LOG_SQL, {"body": body})
@@ -635,20 +650,33 @@ class Coalescer:
     async def _drain(self) -> None:
         try:
             while self.waiting:
-                batch = self._take()
-                try:
-                    await self._send(batch)
-                except Exception as exc:  # a bug: the requests get the internal error
-                    log.exception("log batch failed", exc_info=exc)
-                    for waiter in batch:
-                        if not waiter.future.done():
-                            waiter.future.set_exception(exc)
-                except BaseException:  # cancelled: the server is stopping
-                    for waiter in [*batch, *self.waiting]:
-                        waiter.future.cancel()
-                    raise
+                await self._flush(self._take())
+        except BaseException:  # cancelled: the server is stopping
+            for waiter in self.waiting:
+                waiter.future.cancel()
+            raise
         finally:
             self.task = None
+
+    def _filled(self) -> bool:
+        return len(self.waiting) >= self.max_actions or self.waiting_bytes >= self.max_bytes
+
+    async def _send_full(self) -> None:
+        while self._filled():
+            await self._flush(self._take())
+
+    async def _flush(self, batch: list[_Waiter]) -> None:
+        try:
+            await self._send(batch)
+        except Exception as exc:  # a bug: the requests get the internal error
+            log.exception("log batch failed", exc_info=exc)
+            for waiter in batch:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+        except BaseException:  # cancelled: the server is stopping
+            for waiter in batch:
+                waiter.future.cancel()
+            raise
 
     def _take(self) -> list[_Waiter]:
         batch: list[_Waiter] = []
@@ -658,6 +686,7 @@ class Coalescer:
             if batch and size + len(waiter.body) > self.max_bytes:
                 break
             self.waiting.popleft()
+            self.waiting_bytes -= len(waiter.body) + 2
             if waiter.future.done():  # its client went away before it was sent: drop it
                 continue
             batch.append(waiter)
@@ -998,7 +1027,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         hub.start()
         app.state.pool, app.state.hub = pool, hub
         coalesce = settings.batch_max > 1
-        app.state.coalescer = Coalescer(pool, settings.batch_max) if coalesce else None
+        # Full batches in flight at once: half the pool, leaving the rest to other requests.
+        app.state.coalescer = (
+            Coalescer(pool, settings.batch_max, max_full=max(1, settings.pool_size // 2))
+            if coalesce
+            else None
+        )
         try:
             yield
         finally:
