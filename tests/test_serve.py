@@ -212,14 +212,18 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 class Server:
     """``python -m bulk_sync serve`` on 127.0.0.1 and a free port; its log is collected."""
 
-    def __init__(self, url: str, env: dict[str, str], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, url: str, env: dict[str, str], host: str = "127.0.0.1", args: tuple[str, ...] = ()
+    ) -> None:
         self.port = port_for.get_port(None)
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in cli_env().items() if not k.startswith("BULK_SYNC_")}
         full_env["BULK_SYNC_PG_BIN"] = os.environ.get("BULK_SYNC_PG_BIN", "")
         full_env.update(env)
         self.proc = subprocess.Popen(
-            cli_command(url, "serve", "--host", host, "--port", str(self.port), "--pool-size", "4"),
+            cli_command(
+                url, "serve", "--host", host, "--port", str(self.port), "--pool-size", "4", *args
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -260,8 +264,8 @@ class Server:
 def start_server() -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
-    def factory(url: str, env: dict[str, str] | None = None) -> Server:
-        server = Server(url, env or {})
+    def factory(url: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Server:
+        server = Server(url, env or {}, args=args)
         started.append(server)
         server.wait_ready()
         return server
@@ -780,6 +784,23 @@ def test_request_log_never_contains_a_token(
     assert "a=1&access%5Ftoken=[redacted]&b=2" in log, log
     for token in TOKENS.values():
         assert token not in log, log
+
+
+def test_no_access_log_leaves_requests_out_of_the_log(
+    db_url: str, start_server: Callable[..., Server]
+) -> None:
+    quiet = start_server(db_url, TOKEN_ENV, args=("--no-access-log",))
+    loud = start_server(db_url, TOKEN_ENV)
+    for server in (quiet, loud):
+        assert server.api.get("/api/status", token=R).status_code == 200
+        assert server.api.get("/no-such-path").status_code == 404
+    quiet.stop()
+    loud.stop()
+    assert '"GET /api/status HTTP/1.1" 200' in loud.output()
+    assert '"GET /no-such-path HTTP/1.1" 404' in loud.output()
+    log = quiet.output()
+    assert "HTTP/1.1" not in log, log
+    assert "Application startup complete" in log, log  # the rest of the log is still there
 
 
 def test_openapi_document_describes_every_route(

@@ -496,8 +496,16 @@ def schedule(ctx: click.Context, cron: str, unschedule: bool) -> None:
     show_default=True,
     help="Database connections per worker.",
 )
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="One line per request on stdout (tokens redacted). Errors are logged either way.",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, workers: int, pool_size: int) -> None:
+def serve(
+    ctx: click.Context, host: str, port: int, workers: int, pool_size: int, access_log: bool
+) -> None:
     """Serve the HTTP API and the live leaderboard page.
 
     Tokens come from BULK_SYNC_READER_TOKEN, BULK_SYNC_WRITER_TOKEN and BULK_SYNC_ADMIN_TOKEN.
@@ -513,7 +521,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, pool_size: int
     problem = server.startup_problem(server.Settings.from_env(), host)
     if problem:
         raise CliError(f"refusing to start: {problem}", EXIT_BAD_INPUT)
-    server.run(_settings(ctx).url(), host, port, workers, pool_size)
+    server.run(_settings(ctx).url(), host, port, workers, pool_size, access_log)
 
 
 @main.group()

@@ -1101,7 +1101,7 @@ def log_config() -> dict[str, Any]:
 
 
 def run(
-    database_url: str, host: str, port: int, workers: int, pool_size: int
+    database_url: str, host: str, port: int, workers: int, pool_size: int, access_log: bool = True
 ) -> None:  # pragma: no cover - exercised through the CLI in tests
     """Serve until SIGINT/SIGTERM. The workers read their settings from the environment."""
     import uvicorn
@@ -1116,5 +1116,6 @@ def run(
         workers=workers,
         log_config=log_config(),
         server_header=False,
+        access_log=access_log,
         timeout_graceful_shutdown=3,
     )
