@@ -81,5 +81,10 @@ def test_quick_http_benchmark_runs_and_stays_exact() -> None:
             output,
             re.M,
         ), context
+    assert re.search(
+        r"^\| T6 +\| HTTP log, 1 worker\(s\) --no-access-log \(reference\) +\| [0-9,]+ req/s ",
+        output,
+        re.M,
+    ), context
     assert re.search(r"^  exact \[T6 HTTP answers\]: yes", output, re.M), context
     assert re.search(r"^  exact \[T6 log_action over HTTP\]: yes", output, re.M), context

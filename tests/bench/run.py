@@ -28,7 +28,8 @@ Targets (docs/PERFORMANCE.md explains each baseline):
     T6  (``--only 6``) POST /api/actions/log through ``bulk-sync serve`` driven by wrk
         (tests/bench/http_log.lua: 64 keep-alive connections, a new verified action per request)
         vs pgbench calling log_action (and the plain INSERT) at 32 clients, rounds interleaved;
-        median req/s, p50 and p99. The server coalesces the requests into log_actions calls.
+        median req/s, p50 and p99. The server coalesces the requests into log_actions calls;
+        it runs with 1 and 2 workers, and with 1 and --no-access-log for reference.
         Needs the serve extra and wrk.
     T7  (``--only 7``) T2 at scale: the backfill's cost per row at 10x T2's file vs at T2's size
 
@@ -1455,7 +1456,8 @@ def indent(text: str, prefix: str = "    ") -> str:
 HTTP_CONNECTIONS = 64
 HTTP_BASELINE_CLIENTS = 32
 HTTP_POOL_SIZE = 32  # database connections per server worker, as many as pgbench's clients
-HTTP_WORKERS = (1, 2)
+# The servers T6 runs: (workers, extra serve options). The last one is a reference.
+HTTP_SERVERS = ((1, ()), (2, ()), (1, ("--no-access-log",)))
 WRK_SCRIPT = Path(__file__).resolve().parent / "http_log.lua"
 HTTP_TOKEN = "bench-writer-token"
 
@@ -1530,7 +1532,7 @@ def pgbench_p99_ms(log_dir: Path) -> float:
 
 
 @contextmanager
-def http_server(url: str, workers: int) -> Iterator[str]:
+def http_server(url: str, workers: int, options: tuple[str, ...] = ()) -> Iterator[str]:
     """``bulk-sync serve`` from this checkout on a free loopback port; yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -1543,6 +1545,7 @@ def http_server(url: str, workers: int) -> Iterator[str]:
     }
     cmd = [sys.executable, "-m", "bulk_sync", "--database-url", url, "serve"]
     cmd += ["--port", str(port), "--workers", str(workers), "--pool-size", str(HTTP_POOL_SIZE)]
+    cmd += options
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -1616,6 +1619,10 @@ def target_7(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
     )
 
 
+def server_label(workers: int, options: tuple[str, ...]) -> str:
+    return " ".join((f"{workers} worker(s)", *options))
+
+
 def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler) -> None:
     say(
         f"\n== T6 POST /api/actions/log, coalesced (wrk, {HTTP_CONNECTIONS} keep-alive "
@@ -1651,7 +1658,7 @@ def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
 
     base: dict[str, list[PgbenchResult]] = {name: [] for name in scripts}
     base_p99: dict[str, list[float]] = {name: [] for name in scripts}
-    http: dict[int, list[WrkResult]] = {w: [] for w in HTTP_WORKERS}
+    http: dict[tuple[int, tuple[str, ...]], list[WrkResult]] = {v: [] for v in HTTP_SERVERS}
     profiler.reset(url)
     for rnd in range(sizes.pgbench_rounds):
         for name, text in scripts.items():
@@ -1667,14 +1674,15 @@ def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
                 f"  round {rnd + 1}: pgbench {name}, {HTTP_BASELINE_CLIENTS} clients: "
                 f"{result.tps:,.0f} tps, p99 {base_p99[name][-1]:,.1f} ms (load {loadavg()})"
             )
-        for workers in HTTP_WORKERS:
-            with http_server(cluster.url("t6"), workers) as server:
+        for number, (workers, options) in enumerate(HTTP_SERVERS):
+            with http_server(cluster.url("t6"), workers, options) as server:
                 execute(url, "CHECKPOINT")
-                nonce = rnd * 16 + workers
+                nonce = rnd * 16 + number + 1
                 got = run_wrk(server, sizes.pgbench_seconds, nonce, users, lbs)
-            http[workers].append(got)
+            http[workers, options].append(got)
             say(
-                f"  round {rnd + 1}: HTTP, {workers} worker(s): {got.rps:,.0f} requests/s, "
+                f"  round {rnd + 1}: HTTP, {server_label(workers, options)}: "
+                f"{got.rps:,.0f} requests/s, "
                 f"p50 {got.p50_ms:,.1f} ms, p99 {got.p99_ms:,.1f} ms, {got.ok:,} ok, "
                 f"{got.errors} errors (load {loadavg()})"
             )
@@ -1713,14 +1721,26 @@ def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
         f"(p99 {statistics.median(base_p99['log_action']):,.1f} ms)"
     )
     plain = median_tps("plain INSERT")
-    for workers, runs in http.items():
+    for (workers, options), runs in http.items():
         rps = statistics.median(r.rps for r in runs)
         p50 = statistics.median(r.p50_ms for r in runs)
         p99 = statistics.median(r.p99_ms for r in runs)
+        label = server_label(workers, options)
+        if options:  # a reference beside the default server
+            report.add(
+                Row(
+                    "T6",
+                    f"HTTP log, {label} (reference)",
+                    f"{fmt_rate(rps, 'req/s')} (p99 {p99:,.1f} ms) (p50 {p50:,.1f} ms)",
+                    against,
+                    rps / baseline,
+                )
+            )
+            continue
         report.add(
             Row(
                 "T6",
-                f"HTTP log, {workers} worker(s), {HTTP_CONNECTIONS} connections",
+                f"HTTP log, {label}, {HTTP_CONNECTIONS} connections",
                 f"{fmt_rate(rps, 'req/s')} (p99 {p99:,.1f} ms) (p50 {p50:,.1f} ms)",
                 against,
                 rps / baseline,
@@ -1731,7 +1751,7 @@ def target_6(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
         report.add(
             Row(
                 "T6",
-                f"HTTP log, {workers} worker(s): goal",
+                f"HTTP log, {label}: goal",
                 fmt_rate(rps, "req/s"),
                 f"pgbench plain INSERT {HTTP_BASELINE_CLIENTS} clients {fmt_rate(plain, 'tps')}",
                 rps / plain,
