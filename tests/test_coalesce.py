@@ -77,6 +77,21 @@ async def post_all(base: str, bodies: list[str], parallel: int = PARALLEL) -> li
         return await asyncio.gather(*(one(text) for text in bodies))
 
 
+async def post_stuck_on_a_lock(
+    server: Server, text: str, watcher: psycopg.Connection
+) -> asyncio.Task[list[tuple[int, str]]]:
+    """POSTs ``text`` in a task and returns once a session of the database waits on a lock."""
+    task = asyncio.create_task(post_all(server.base, [text]))
+    deadline = time.monotonic() + 10
+    while not watcher.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock'"
+    ).fetchone()[0]:
+        assert time.monotonic() < deadline, "the first call never waited on the lock"
+        await asyncio.sleep(0.05)
+    return task
+
+
 def post_one_by_one(server: Server, bodies: list[str]) -> list[tuple[int, str]]:
     answers = []
     for text in bodies:
@@ -193,14 +208,7 @@ def test_concurrent_requests_share_log_actions_calls(
         )
 
         async def load() -> list[tuple[int, str]]:
-            first = asyncio.create_task(post_all(server.base, [stalled]))
-            deadline = time.monotonic() + 10
-            while not watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline, "the first call never waited on the lock"
-                await asyncio.sleep(0.05)
+            first = await post_stuck_on_a_lock(server, stalled, watcher)
             rest = asyncio.create_task(post_all(server.base, bodies))
             await asyncio.sleep(1.0)  # all PARALLEL requests are waiting behind the first
             blocker.rollback()
@@ -253,14 +261,7 @@ def test_a_full_batch_goes_out_beside_the_one_in_flight(
         )
 
         async def load() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-            first = asyncio.create_task(post_all(server.base, [stuck]))
-            deadline = time.monotonic() + 10
-            while not watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline, "the first call never waited on the lock"
-                await asyncio.sleep(0.05)
+            first = await post_stuck_on_a_lock(server, stuck, watcher)
             # All 40 answered while the first call still waits: none of them queued behind it.
             rest = await asyncio.wait_for(post_all(server.base, others, parallel=40), 30)
             assert not first.done()
