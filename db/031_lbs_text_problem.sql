@@ -10,6 +10,9 @@ AS $$
                -- exponent; then the rule on the exact value.
                WHEN p_value ~ '^[0-9]+\.?[0-9]*$' OR p_value ~ '^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$'
                THEN bulk_sync._lbs_problem(p_value::numeric)
+               -- Zero with a minus sign ("-0", "-0.00") is zero, as it is for a JSON number or the
+               -- numeric argument: not negative, and nothing to alter.
+               WHEN p_value ~ '^-(0+(\.0*)?|\.0+)([eE][+-]?[0-9]{1,4})?$' THEN NULL
                -- Otherwise, say why.
                WHEN p_value IS NULL THEN 'is required'
                WHEN p_value ~ '^\s*-' THEN 'must not be negative'

@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(326);
+SELECT plan(331);
 
 \ir fixtures/common.sql
 
@@ -270,6 +270,18 @@ SELECT is((SELECT emissions_saved_lbs::text FROM bulk_sync.user_actions WHERE ac
 SELECT lives_ok(tests.pos_sql($$'00000000-0000-4000-8000-0000000000f4', '00000000-0000-4000-8000-000000000006',
     999999999999999999999999.9999990, '2025-11-05T10:00:00Z'$$), 'positional: the largest amount with a trailing zero is accepted');
 SELECT lives_ok(tests.bulk_sql('lbs', '"0.000001"'), 'bulk: lbs 0.000001 is accepted');
+SELECT lives_ok($$SELECT bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000f8",
+    "user_id": "00000000-0000-4000-8000-000000000006", "lbs": "-0", "logged_at": "2025-11-05T10:00:00Z"}')$$,
+    'lbs "-0" is zero, as the JSON number -0 is, not a negative amount');
+SELECT is((SELECT emissions_saved_lbs::text FROM bulk_sync.user_actions WHERE action_id = '00000000-0000-4000-8000-0000000000f8'),
+    '0.000000', 'and stored as 0.000000');
+SELECT lives_ok(tests.bulk_sql('lbs', '"-0.000"'), 'bulk: lbs "-0.000" is accepted');
+SELECT is_empty($$SELECT * FROM bulk_sync._action_problems(NULL, '00000000-0000-4000-8000-0000000000f9',
+                  '00000000-0000-4000-8000-000000000006', '-0.0e3', '2025-11-05T10:00:00Z', 'true', NULL)$$,
+    'CSV: lbs -0.0e3 is zero');
+SELECT results_eq($$SELECT r.field, r.reason FROM bulk_sync._action_problems(NULL, '00000000-0000-4000-8000-0000000000f9',
+                      '00000000-0000-4000-8000-000000000006', '-0.01', '2025-11-05T10:00:00Z', 'true', NULL) AS r$$,
+    $$VALUES ('lbs', 'must not be negative')$$, 'CSV: lbs -0.01 is still negative');
 SELECT lives_ok(tests.pos_sql(format($$'00000000-0000-4000-8000-0000000000f5', '00000000-0000-4000-8000-000000000006', 1, %L, true$$,
     now() + interval '5 minutes')), 'logged_at exactly 5 minutes ahead is accepted');
 SELECT lives_ok(format('SELECT bulk_sync.log_action(%L::jsonb)', jsonb_build_object(
