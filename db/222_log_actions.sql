@@ -41,9 +41,10 @@ BEGIN
 
     BEGIN
         v_results := bulk_sync._log_batch(v_items);
-    EXCEPTION WHEN SQLSTATE 'BS900' OR numeric_value_out_of_range THEN
-        -- A total would overflow NUMERIC(30,6), or another writer stored one of the actions meanwhile:
-        -- nothing of the set-based attempt stays, and each action is logged on its own, in order.
+    EXCEPTION WHEN unique_violation OR numeric_value_out_of_range THEN
+        -- Another writer stored one of the new actions meanwhile, or a total would overflow
+        -- NUMERIC(30,6): nothing of the set-based attempt stays, and each action is logged on its
+        -- own, in order.
         v_results := '{}';
         FOR i IN 0 .. v_total - 1 LOOP
             CONTINUE WHEN v_failed ? i::text;

@@ -34,6 +34,7 @@ from helpers import (
     random_amount,
     reconcile,
     sqlstate,
+    wait_for,
 )
 
 THREADS = 16
@@ -558,3 +559,67 @@ def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str
     with connect(db_url) as conn:
         assert_exact_totals(conn, Decimal(rounds * (padding + 1)))
     assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
+
+
+def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: str) -> None:
+    """log_actions' one statement meets a new action that another transaction is inserting.
+
+    The batch cannot see the other writer's uncommitted action, so it takes it for new and its
+    INSERT waits on it. Once the other writer commits, the set-based attempt must leave nothing
+    behind, and each action is answered as a separate log_action would answer it then.
+    """
+    user, other_user = new_id(), new_id()
+    raced = action(new_id(), user, "2.500000", logged_at(1), verified=False)
+    fresh = action(new_id(), other_user, "1.250000", logged_at(2))
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    with connect(db_url, autocommit=False) as writer, connect(db_url) as batcher:
+        assert log_action(writer, raced)["status"] == "inserted"  # uncommitted, holds the action_id
+        batch_pid = batcher.info.backend_pid
+
+        def call_batch() -> None:
+            request = {"actions": [fresh, dict(raced, verified=True)]}
+            try:
+                row = batcher.execute("SELECT bulk_sync.log_actions(%s)", (Jsonb(request),))
+                results.extend(row.fetchone()[0]["results"])
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=call_batch)
+        thread.start()
+        with connect(db_url) as watcher:
+            wait_for(
+                lambda: watcher.execute(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                    (batch_pid,),
+                ).fetchone()[0],
+                timeout=30,
+                what="log_actions to wait on the uncommitted action",
+            )
+        writer.commit()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "log_actions hung"
+    if errors:
+        raise errors[0]
+
+    # What log_action would have answered for each, in array order, after the writer committed.
+    assert [(r["success"], r["status"], r["action_id"]) for r in results] == [
+        (True, "inserted", fresh["action_id"]),
+        (True, "verified", raced["action_id"]),
+    ]
+    assert results[0]["user_total_lbs"] == "1.250000"
+    assert results[1]["user_total_lbs"] == "2.500000"
+    assert results[1]["global_total_lbs"] == amount(before + Decimal("3.750000"))
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + Decimal("3.750000"))
+        assert per_user_stats(conn)[user] == ("2.500000", 1)
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM bulk_sync.action_transitions WHERE action_id = %s",
+                (raced["action_id"],),
+            ).fetchone()[0]
+            == 1
+        )
