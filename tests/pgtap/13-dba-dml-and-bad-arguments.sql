@@ -1,7 +1,7 @@
 -- A DBA's direct DELETE of actions is counted like any other change, and the operational functions
 -- reject bad arguments with BS001, changing nothing: the paths no other file reaches.
 BEGIN;
-SELECT plan(22);
+SELECT plan(25);
 
 \ir fixtures/common.sql
 
@@ -48,6 +48,12 @@ SELECT throws_ok($$UPDATE bulk_sync.global_emissions SET total_lbs_saved = NULL 
     'global_emissions: a NULL total');
 SELECT throws_ok($$SELECT bulk_sync.prune_events('-1 day')$$, 'BS001', NULL, 'prune_events: a negative interval');
 SELECT throws_ok($$SELECT bulk_sync.leaderboard(-1)$$, 'BS001', NULL, 'leaderboard: a negative limit');
+SELECT throws_ok($$SELECT bulk_sync.bulk_backfill('{"actions": [], "idempotency_key": 42}')$$, 'BS001', NULL,
+    'bulk_backfill: an idempotency_key that is not a string');
+SELECT throws_ok($$SELECT bulk_sync.bulk_backfill('{"actions": [], "idempotency_key": ""}')$$, 'BS001', NULL,
+    'bulk_backfill: an empty idempotency_key');
+SELECT throws_ok(format('SELECT bulk_sync.bulk_backfill(%L)', jsonb_build_object('actions', '[]'::jsonb, 'idempotency_key', repeat('k', 201))),
+    'BS001', NULL, 'bulk_backfill: an idempotency_key of 201 characters');
 SELECT is(tests.fingerprint(), tests.fp('after delete'), 'the rejected calls changed nothing');
 
 SELECT * FROM finish();
