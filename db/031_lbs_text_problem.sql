@@ -15,9 +15,9 @@ AS $$
                WHEN p_value ~ '^-(0+(\.0*)?|\.0+)([eE][+-]?[0-9]{1,4})?$' THEN NULL
                -- Otherwise, say why.
                WHEN p_value IS NULL THEN 'is required'
-               WHEN p_value ~ '^\s*-' THEN 'must not be negative'
-               WHEN lower(btrim(p_value)) IN ('nan', 'infinity', '+infinity', 'inf', '+inf')
+               WHEN lower(btrim(p_value)) IN ('nan', 'infinity', '+infinity', '-infinity', 'inf', '+inf', '-inf')
                THEN 'must be a finite decimal number'
+               WHEN p_value ~ '^-([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$' THEN 'must not be negative'
                ELSE 'is not a decimal number (send a plain decimal such as "10.2")'
            END
 $$;

@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(331);
+SELECT plan(332);
 
 \ir fixtures/common.sql
 
@@ -282,6 +282,12 @@ SELECT is_empty($$SELECT * FROM bulk_sync._action_problems(NULL, '00000000-0000-
 SELECT results_eq($$SELECT r.field, r.reason FROM bulk_sync._action_problems(NULL, '00000000-0000-4000-8000-0000000000f9',
                       '00000000-0000-4000-8000-000000000006', '-0.01', '2025-11-05T10:00:00Z', 'true', NULL) AS r$$,
     $$VALUES ('lbs', 'must not be negative')$$, 'CSV: lbs -0.01 is still negative');
+SELECT results_eq($$SELECT v, bulk_sync._lbs_text_problem(v) FROM unnest(ARRAY['-abc', '-', '-Infinity', '-2e3']) AS v$$,
+    $$VALUES ('-abc', 'is not a decimal number (send a plain decimal such as "10.2")'),
+             ('-', 'is not a decimal number (send a plain decimal such as "10.2")'),
+             ('-Infinity', 'must be a finite decimal number'),
+             ('-2e3', 'must not be negative')$$,
+    'lbs: only a number with a minus sign is called negative');
 SELECT lives_ok(tests.pos_sql(format($$'00000000-0000-4000-8000-0000000000f5', '00000000-0000-4000-8000-000000000006', 1, %L, true$$,
     now() + interval '5 minutes')), 'logged_at exactly 5 minutes ahead is accepted');
 SELECT lives_ok(format('SELECT bulk_sync.log_action(%L::jsonb)', jsonb_build_object(
