@@ -1,7 +1,7 @@
 -- log_action, both forms: statuses inserted / duplicate / verified, numerically equal resubmissions,
 -- BS002 for changed facts (nothing changes), revocation is final, timestamps in UTC with Z.
 BEGIN;
-SELECT plan(80);
+SELECT plan(87);
 
 \ir fixtures/common.sql
 
@@ -275,6 +275,29 @@ SELECT throws_ok(
 SELECT is(tests.fingerprint(), tests.fp('before the slot was lost'), 'and neither changed anything');
 INSERT INTO bulk_sync._global_slots SELECT * FROM tests.lost_slot;
 SELECT is(tests.totals(), ARRAY['23.000001', '23.000001', '23.000001'], 'with the slot back, the totals are whole');
+
+-- _lock_users, every writer's first step: for one user or several, it locks their rows (their xmax
+-- becomes this transaction's) and returns only the users whose rows it created.
+INSERT INTO bulk_sync.user_stats (user_id)
+VALUES ('70000000-0000-4000-8000-0000000000c1'), ('70000000-0000-4000-8000-0000000000c2'),
+       ('70000000-0000-4000-8000-0000000000c3');
+CREATE FUNCTION pg_temp.locked(p_user_id uuid) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT s.xmax = pg_current_xact_id()::xid FROM bulk_sync.user_stats AS s WHERE s.user_id = p_user_id
+$$;
+SELECT is(pg_temp.locked('70000000-0000-4000-8000-0000000000c1'), false, '_lock_users: a row inserted plainly is not locked');
+SELECT is(bulk_sync._lock_users('{70000000-0000-4000-8000-0000000000c1}'), '{}'::uuid[],
+    '_lock_users: one existing user, nothing created');
+SELECT is(pg_temp.locked('70000000-0000-4000-8000-0000000000c1'), true, 'and its row is locked');
+SELECT is(bulk_sync._lock_users('{70000000-0000-4000-8000-0000000000d1}'), '{70000000-0000-4000-8000-0000000000d1}'::uuid[],
+    '_lock_users: one new user is created and returned');
+SELECT is((SELECT (total_emissions_lbs::text, action_count)::text FROM bulk_sync.user_stats
+            WHERE user_id = '70000000-0000-4000-8000-0000000000d1'), '(0.000000,0)', 'with an empty row');
+SELECT is(bulk_sync._lock_users('{70000000-0000-4000-8000-0000000000c3, 70000000-0000-4000-8000-0000000000d2,
+                                  70000000-0000-4000-8000-0000000000c2, 70000000-0000-4000-8000-0000000000c3}'),
+    '{70000000-0000-4000-8000-0000000000d2}'::uuid[], '_lock_users: several users, only the new one returned');
+SELECT ok(pg_temp.locked('70000000-0000-4000-8000-0000000000c2') AND pg_temp.locked('70000000-0000-4000-8000-0000000000c3'),
+    'and the existing rows are locked');
 
 SELECT * FROM finish();
 ROLLBACK;
