@@ -381,6 +381,33 @@ def test_the_stage_cannot_be_replaced_by_a_callers_own(db_url: str, ddl: str) ->
             wait_for(dropped, timeout=30, what="the writer's session to end")
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT bulk_sync._stage_check(%s, 0)",
+        "SELECT bulk_sync._stage_check(%s, 1, 0)",
+        "SELECT bulk_sync._stage_load(%s, 0)",
+        "SELECT bulk_sync._stage_load(%s, 10, 0)",
+        "SELECT bulk_sync._stage_load(%s, 10, 10, '{}')",
+    ],
+)
+def test_the_stage_functions_reject_bad_arguments(db_url: str, call: str) -> None:
+    """The runner never sends these, but a DBA calling the stage functions by hand gets BS001 for a
+    line number, chunk size or problem limit below 1, or problems that are not an array."""
+    with connect(db_url, autocommit=True) as conn:
+        load = conn.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
+        conn.execute(
+            "INSERT INTO pg_temp.bulk_sync_stage (action_id, user_id, lbs, logged_at, verified)"
+            " VALUES (%s, %s, '2', %s, 'true')",
+            (new_id(), new_id(), logged_at(0)),
+        )
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(call, (load,))
+        assert sqlstate(caught.value) == "BS001", caught.value
+        conn.execute("SELECT bulk_sync._stage_close(%s)", (load,))
+    assert counts(db_url) == (0, 0, 0)
+
+
 def test_a_load_whose_runner_died_is_ended_by_the_next(db_url: str) -> None:
     """The runner's session is killed between the check and the apply: the next load to open ends
     the dead one, and its checked rows go with it."""
