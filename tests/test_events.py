@@ -198,6 +198,24 @@ def test_concurrent_writers_and_readers_see_every_event_once(db_url: str) -> Non
 # --------------------------------------------------------------------------- NOTIFY
 
 
+def test_a_second_publisher_returns_at_once_and_leaves_the_outbox_to_the_first(db_url: str) -> None:
+    """Only one publisher numbers events at a time. A second one (the cron job firing while a DBA
+    publishes by hand, say) returns 0 at once instead of waiting, and what it left is published
+    after the first commits, numbered after the first's events."""
+    with connect(db_url) as writer, connect(db_url, autocommit=False) as first:
+        earlier = _log(writer)
+        # The first publisher moves that event and holds its lock until it commits.
+        assert first.execute("SELECT bulk_sync.publish_events()").fetchone()[0] == 1
+        later = _log(writer)
+        with connect(db_url) as second:
+            second.execute("SET statement_timeout = '5s'")  # waiting would be a failure too
+            assert second.execute("SELECT bulk_sync.publish_events()").fetchone()[0] == 0
+            first.commit()
+            assert _status(second)["events_pending"] == 1  # the later one, left as it was
+            assert second.execute("SELECT bulk_sync.publish_events()").fetchone()[0] == 1
+        assert [payload["action_id"] for _, payload in all_events(writer)] == [earlier, later]
+
+
 def test_writers_do_not_notify_the_publisher_does(
     db_url: str, listener: psycopg.Connection
 ) -> None:
