@@ -443,8 +443,8 @@ def test_concurrent_identical_backfills_apply_once(db_url: str) -> None:
 def test_overlapping_bulk_backfills_do_not_deadlock(db_url: str) -> None:
     """Two bulk calls that each add to some users and verify others' pending actions, crosswise.
 
-    docs/DESIGN.md promises one lock order everywhere (action rows, then user_stats rows by
-    user_id, then a slot), which makes deadlocks impossible. Each call here touches the two
+    docs/DESIGN.md promises one lock order everywhere (user_stats rows by user_id, then action
+    rows, then a slot), which makes deadlocks impossible. Each call here touches the two
     groups of users in different statements (the INSERT of new actions, then the UPDATE that
     verifies known ones), so the order has to hold across both statements for this to pass.
     """
@@ -509,9 +509,9 @@ SINGLE_WRITERS: dict[str, Callable[[psycopg.Connection, dict[str, Any]], Any]] =
 def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str) -> None:
     """A bulk call and a single-action call verify the same pending action at the same moment.
 
-    Both must take their locks in the one documented order (docs/DESIGN.md: action rows, then
-    user_stats rows, then a slot); a bulk call that locks the users first and the action rows
-    second deadlocks against log_action / verify_action, which lock the action row first.
+    Both must take their locks in the one documented order (docs/DESIGN.md: user_stats rows,
+    then action rows, then a slot); a bulk call that locked the action rows before the users
+    would deadlock against log_action / verify_action, which lock the user first.
     """
     rounds, padding = 120, 30
     plans: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
