@@ -591,6 +591,11 @@ class _Waiter:
     # The response text, or None: answer through the unbatched path (``Coalescer.log``).
     future: asyncio.Future[str | None]
 
+    @property
+    def size(self) -> int:
+        """What its body adds to a batch's text: the body and a separator."""
+        return len(self.body) + 2
+
 
 class Coalescer:
     """Gathers concurrent ``POST /api/actions/log`` bodies into ``log_actions`` calls.
@@ -635,7 +640,7 @@ class Coalescer:
         """The response text for one log request, or its ``ApiError``."""
         waiter = _Waiter(level, body, asyncio.get_running_loop().create_future())
         self.waiting.append(waiter)
-        self.waiting_bytes += len(body) + 2
+        self.waiting_bytes += waiter.size
         if self.task is None:
             self.task = asyncio.create_task(self._drain())
         elif self._filled() and len(self.full) < self.max_full:
@@ -686,11 +691,11 @@ class Coalescer:
             if batch and size + len(waiter.body) > self.max_bytes:
                 break
             self.waiting.popleft()
-            self.waiting_bytes -= len(waiter.body) + 2
+            self.waiting_bytes -= waiter.size
             if waiter.future.done():  # its client went away before it was sent: drop it
                 continue
             batch.append(waiter)
-            size += len(waiter.body) + 2
+            size += waiter.size
         return batch
 
     async def _send(self, batch: list[_Waiter]) -> None:
