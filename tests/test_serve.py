@@ -1050,3 +1050,31 @@ def test_page_shows_the_leaderboard_and_follows_it_live_in_chromium(
 def test_default_body_limit_is_64_mib() -> None:
     assert serve.Settings.from_env({"DATABASE_URL": "x"}).max_body_bytes == 64 * 2**20
     assert serve.redact("/p?access_token=s3cret&x=1") == "/p?access_token=[redacted]&x=1"
+
+
+@pytest.mark.parametrize("use_colors", [False, True], ids=["plain", "coloured"])
+def test_access_line_is_uvicorns_line(use_colors: bool) -> None:
+    import logging
+
+    from uvicorn.logging import AccessFormatter
+
+    ours = serve.AccessLine(serve.ACCESS_FORMAT, use_colors=use_colors)
+    uvicorns = AccessFormatter(serve.ACCESS_FORMAT, use_colors=use_colors)
+    for level in (logging.INFO, logging.WARNING):
+        for status in (200, 201, 304, 401, 404, 413, 422, 503, 599):
+            for path in ("/api/actions/log", "/api/status?access_token=[redacted]&a=%C3%A9"):
+                record = logging.LogRecord(
+                    "uvicorn.access",
+                    level,
+                    __file__,
+                    1,
+                    '%s - "%s %s HTTP/%s" %d',
+                    ("192.0.2.7:50123", "POST", path, "1.1", status),
+                    None,
+                )
+                assert ours.format(record) == uvicorns.format(record)
+    if not use_colors:
+        assert ours.format(record) == (
+            'WARNING:  192.0.2.7:50123 - "POST /api/status?access_token=[redacted]&a=%C3%A9'
+            ' HTTP/1.1" 599 '
+        )

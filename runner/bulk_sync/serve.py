@@ -23,6 +23,7 @@ import asyncio
 import collections
 import copy
 import hmac
+import http
 import ipaddress
 import logging
 import os
@@ -34,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote_plus
 
 import psycopg
@@ -45,6 +46,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.config import LOGGING_CONFIG
+from uvicorn.logging import AccessFormatter
 
 from bulk_sync import events
 from bulk_sync.db import APP_NAME, MIGRATE_HINT, connect
@@ -1068,16 +1071,43 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 # --------------------------------------------------------------------------- uvicorn
 
+# The access line AccessLine writes itself; with any other format uvicorn's formatter does.
+ACCESS_FORMAT = LOGGING_CONFIG["formatters"]["access"]["fmt"]
+
 
 class RedactTokens(logging.Filter):
     """Replaces the value of any ``access_token`` query parameter in uvicorn's access log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and len(record.args) >= 3:
-            args = list(record.args)
-            args[2] = redact(str(args[2]))
-            record.args = tuple(args)
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and "?" in str(args[2]):
+            record.args = (*args[:2], redact(str(args[2])), *args[3:])
         return True
+
+
+class AccessLine(AccessFormatter):
+    """uvicorn's access line, the same text, built in one step when it is not coloured.
+
+    uvicorn's formatter copies each record twice and looks the status phrase up in the
+    ``HTTPStatus`` enum: about half of the server CPU the access log cost a request.
+    """
+
+    PHRASES: ClassVar[dict[int, str]] = {status.value: status.phrase for status in http.HTTPStatus}
+
+    def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fmt, *args, **kwargs)
+        self.own_line = fmt == ACCESS_FORMAT and not self.use_colors
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not self.own_line or not isinstance(record.args, tuple):
+            return super().formatMessage(record)
+        client_addr, method, full_path, http_version, status_code = record.args
+        level = record.levelname
+        phrase = self.PHRASES.get(int(status_code), "")
+        return (
+            f"{level}:{' ' * (8 - len(level))} {client_addr} - "
+            f'"{method} {full_path} HTTP/{http_version}" {status_code} {phrase}'
+        )
 
 
 def redact(path: str) -> str:
@@ -1095,10 +1125,9 @@ def redact(path: str) -> str:
 
 
 def log_config() -> dict[str, Any]:
-    from uvicorn.config import LOGGING_CONFIG
-
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact_tokens": {"()": "bulk_sync.serve.RedactTokens"}}
+    config["formatters"]["access"]["()"] = "bulk_sync.serve.AccessLine"
     config["handlers"]["access"]["filters"] = ["redact_tokens"]
     config["loggers"]["bulk_sync"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     config["loggers"]["psycopg"] = {"handlers": ["default"], "level": "WARNING", "propagate": False}
