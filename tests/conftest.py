@@ -46,6 +46,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -100,6 +101,20 @@ _LOG_TAIL_LINES = 200
 def connect(url: str, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
     """Open a psycopg connection to a libpq URL (autocommit by default)."""
     return psycopg.connect(url, autocommit=autocommit, **kwargs)
+
+
+def _wait_until_accepting(url: str, timeout: float = 120) -> None:
+    """Connect until PostgreSQL accepts. pytest-postgresql's start returns once the port is open,
+    which on a slow machine is before the server accepts ("the database system is starting up")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect(url).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _url(port: int, dbname: str, user: str = SUPERUSER) -> str:
@@ -369,6 +384,7 @@ def cluster(_pg_environ: pytest.MonkeyPatch, pg_server: PgServer) -> Iterator[Po
         # PGHOST/PGPORT: a postgres started without -p (the runner's embedded
         # cluster) would take PGPORT as its own port.
         _pg_environ.setenv("BULK_SYNC_TEST_URL_TEMPLATE", _url(executor.port, "{dbname}"))
+        _wait_until_accepting(_url(executor.port, "postgres"))
         with connect(_url(executor.port, "postgres")) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(CRON_DB)))
         yield executor
