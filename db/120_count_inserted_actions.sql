@@ -8,7 +8,24 @@ AS $$
 DECLARE
     v_first   record;
     v_deltas  bulk_sync._user_delta[];
+    v_claim   text := current_setting('bulk_sync.precounted', true);
+    v_found   text;
 BEGIN
+    -- A bulk chunk applies its gains itself before its INSERT and says so in bulk_sync.precounted:
+    -- how many counted actions it inserts and their sum (see _stage_apply). The claim is used up
+    -- here, and must match what was inserted, so it never covers any other statement.
+    IF v_claim <> '' THEN
+        PERFORM set_config('bulk_sync.precounted', '', true);
+        SELECT format('%s %s', count(*), coalesce(sum(n.emissions_saved_lbs), 0)) INTO v_found
+          FROM new_actions AS n
+         WHERE n.verified AND NOT n.revoked;
+        IF v_found <> v_claim THEN
+            RAISE EXCEPTION 'counted actions (%) differ from those already applied (%)', v_found, v_claim
+                USING ERRCODE = 'XX000';
+        END IF;
+        RETURN NULL;
+    END IF;
+
     -- The first counted action and how many there are: a single one (every log_action that counts)
     -- is its user's whole change, with nothing to group (grouping costs it ~8% of its time).
     SELECT n.user_id, n.emissions_saved_lbs, n.logged_at, n.action_id, count(*) OVER () AS counted

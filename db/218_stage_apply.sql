@@ -20,8 +20,11 @@ DECLARE
     v_inserted  bigint;
     v_verified  bigint := 0::bigint;
     v_users     uuid[];
+    v_held      uuid[];
     v_conflict  record;
     v_result    jsonb;
+    v_deltas    bulk_sync._user_delta[];
+    v_claim     text;
 BEGIN
     PERFORM bulk_sync._load_held(p_load);
 
@@ -41,18 +44,50 @@ BEGIN
         END IF;
     END IF;
 
+    SELECT coalesce(sum(l.copies), 0)::bigint, count(*) FILTER (WHERE l.verified AND l.pending) INTO v_rows, v_pending
+      FROM bulk_sync._load_rows AS l
+     WHERE l.load = p_load AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
+
     -- Users first (see _lock_users), in user_id order, so the triggers below only touch rows already held:
     -- the users of verified rows that are new or would verify a pending action. A rerun of a load that
     -- was applied changes no user, and locks none.
-    PERFORM bulk_sync._lock_users(ARRAY(SELECT l.user_id FROM bulk_sync._load_rows AS l
-                                         WHERE l.load = p_load AND l.verified AND (NOT l.known OR l.pending)
-                                           AND (l.user_id >= p_from OR p_from IS NULL)
-                                           AND (l.user_id < p_below OR p_below IS NULL)));
+    v_held := ARRAY(SELECT l.user_id FROM bulk_sync._load_rows AS l
+                     WHERE l.load = p_load AND l.verified AND (NOT l.known OR l.pending)
+                       AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL));
 
+    -- A chunk that verifies no stored action knows its gains before it inserts: they are applied first,
+    -- one _user_delta per user, which locks (or creates) the same users in the same order, and the
+    -- INSERT then tells the count trigger they are counted (bulk_sync.precounted, see
+    -- _count_inserted_actions). A new user's row is written once, with its totals, instead of created
+    -- empty by _lock_users and then updated.
+    --
     -- New actions in one plain INSERT, in action_id order so concurrent loads lock index entries in one
-    -- order. Should another writer have stored one of them since _stage_load, the chunk is inserted
-    -- again with ON CONFLICT DO NOTHING, and every row of it is then treated as possibly known.
+    -- order. Should another writer have stored one of them since _stage_load, all of this is undone and
+    -- the chunk is inserted again with ON CONFLICT DO NOTHING, every row of it then treated as possibly
+    -- known, and the triggers count what was inserted.
     BEGIN
+        IF v_pending = 0 THEN
+            SELECT array_agg((g.user_id, g.lbs, g.n, g.latest, false, g.action_id, 'logged')::bulk_sync._user_delta
+                             ORDER BY g.user_id),
+                   format('%s %s', coalesce(sum(g.n), 0), coalesce(sum(g.lbs), 0))
+              INTO v_deltas, v_claim
+              FROM (SELECT l.user_id,
+                           sum(l.lbs) AS lbs,
+                           count(*)::integer AS n,
+                           max(l.logged_at) AS latest,
+                           CASE WHEN count(*) = 1 THEN (array_agg(l.action_id))[1] END AS action_id
+                      FROM bulk_sync._load_rows AS l
+                     WHERE l.load = p_load AND l.verified AND NOT l.known
+                       AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
+                     GROUP BY l.user_id) AS g;
+            IF v_deltas IS NOT NULL THEN
+                PERFORM bulk_sync._apply_deltas(v_deltas);
+                PERFORM set_config('bulk_sync.precounted', v_claim, true);
+            END IF;
+        ELSE
+            PERFORM bulk_sync._lock_users(v_held);
+        END IF;
+
         WITH inserted AS (
             INSERT INTO bulk_sync.user_actions AS a
                    (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
@@ -65,8 +100,15 @@ BEGIN
         SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
           INTO v_inserted, v_users
           FROM inserted AS i;
-    EXCEPTION WHEN unique_violation THEN
+    EXCEPTION WHEN unique_violation OR deadlock_detected THEN
+        -- A deadlock can only be with a writer storing one of these action_ids for another user,
+        -- which waits for the slot _apply_deltas took (docs/DESIGN.md, lock order): undone, the
+        -- chunk lets it finish and then finds the conflict as after any other race.
         v_raced := true;
+    END;
+
+    IF v_raced THEN
+        PERFORM bulk_sync._lock_users(v_held);
         WITH inserted AS (
             INSERT INTO bulk_sync.user_actions AS a
                    (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
@@ -80,11 +122,7 @@ BEGIN
         SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
           INTO v_inserted, v_users
           FROM inserted AS i;
-    END;
-
-    SELECT coalesce(sum(l.copies), 0)::bigint, count(*) FILTER (WHERE l.verified AND l.pending) INTO v_rows, v_pending
-      FROM bulk_sync._load_rows AS l
-     WHERE l.load = p_load AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL);
+    END IF;
 
     -- Known actions (a rerun, a resubmission): the same facts were checked by _stage_load, and after a
     -- race they are checked here; a verified row verifies a stored pending action (never a revoked one),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -623,3 +624,82 @@ def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: s
             ).fetchone()[0]
             == 1
         )
+
+
+def _backend(
+    db_url: str, wanted: Callable[[int], bool], autocommit: bool = True
+) -> psycopg.Connection:
+    """A connection whose backend's slot (pid % 64) is wanted: backends are opened until one is."""
+    opened = [connect(db_url, autocommit=autocommit)]
+    while not wanted(opened[-1].info.backend_pid % 64):
+        opened.append(connect(db_url, autocommit=autocommit))
+    for conn in opened[:-1]:
+        conn.close()
+    return opened[-1]
+
+
+def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str) -> None:
+    """The one cycle the lock order allows (docs/DESIGN.md): a bulk chunk that only adds actions
+    holds its slot while it inserts, and a writer on the same slot stores one of its action_ids
+    for another user, then waits for that slot. The chunk, which finds the deadlock, undoes its
+    attempt, lets the writer commit, and fails with BS002 as after any other race.
+
+    A third session holds the chunk's first action uncommitted so that the chunk waits, slot
+    taken, before it reaches the second, which the writer then stores.
+    """
+    owner, writer_user, holder_user = new_id(), new_id(), new_id()
+    first, second = sorted((new_id(), new_id()))  # the chunk inserts in action_id order
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+
+    with connect(db_url) as chunk, connect(db_url) as watcher:
+        slot = chunk.info.backend_pid % 64
+        holder = _backend(db_url, lambda s: s != slot, autocommit=False)
+        writer = _backend(db_url, lambda s: s == slot)
+        writer.execute("SET deadlock_timeout = '50ms'")  # its one check runs before the cycle
+
+        def waiting(conn: psycopg.Connection) -> bool:
+            row = watcher.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                (conn.info.backend_pid,),
+            ).fetchone()
+            return bool(row and row[0])
+
+        outcome: dict[str, Any] = {}
+
+        def start(name: str, call: Callable[[], Any]) -> threading.Thread:
+            def target() -> None:
+                try:
+                    outcome[name] = call()
+                except psycopg.Error as exc:
+                    outcome[name] = exc
+
+            thread = threading.Thread(target=target)
+            thread.start()
+            return thread
+
+        with holder, writer:
+            held = action(first, holder_user, "4.000000", logged_at(1))
+            assert log_action(holder, held)["status"] == "inserted"  # uncommitted
+            load = [
+                action(first, owner, "1.000000", logged_at(2)),
+                action(second, owner, "2.000000", logged_at(3)),
+            ]
+            loading = start("chunk", lambda: bulk_backfill(chunk, load))
+            wait_for(lambda: waiting(chunk), 30, what="the chunk to wait on the holder")
+            stored = action(second, writer_user, "8.000000", logged_at(4))
+            storing = start("writer", lambda: log_action(writer, stored))
+            wait_for(lambda: waiting(writer), 30, what="the writer to wait on the slot")
+            time.sleep(0.5)  # past the writer's deadlock_timeout: the chunk finds the cycle
+            holder.rollback()
+            for thread in (loading, storing):
+                thread.join(timeout=60)
+                assert not thread.is_alive(), "a writer hung"
+
+    assert outcome["writer"]["status"] == "inserted", outcome
+    assert isinstance(outcome["chunk"], psycopg.Error), outcome
+    assert sqlstate(outcome["chunk"]) == "BS002", outcome["chunk"]
+    assert "actions[1]" in str(outcome["chunk"])
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + Decimal("8.000000"))
+        assert owner not in per_user_stats(conn)

@@ -1,7 +1,8 @@
--- A DBA's direct DELETE of actions is counted like any other change, and the operational functions
--- reject bad arguments with BS001, changing nothing: the paths no other file reaches.
+-- A DBA's direct INSERT and DELETE of actions are counted like any other change, also right after a
+-- bulk load that applied its own gains, and the operational functions reject bad arguments with
+-- BS001, changing nothing: the paths no other file reaches.
 BEGIN;
-SELECT plan(25);
+SELECT plan(30);
 
 \ir fixtures/common.sql
 
@@ -16,11 +17,31 @@ SELECT lives_ok($$SELECT bulk_sync.bulk_backfill('{"actions": [
      "lbs": "4", "logged_at": "2025-11-05T11:00:00Z"}]}')$$, 'fixture loaded');
 SELECT is(tests.totals(), ARRAY['21.300000', '21.300000', '21.300000'], 'fixture: the three totals');
 
+-- The load applied its gains before its INSERT and told the count trigger so; that claim covered its
+-- INSERT only. A DBA's INSERT in the same transaction is counted as usual.
+SELECT is(nullif(current_setting('bulk_sync.precounted', true), ''), NULL, 'the load left no claim behind');
+SELECT lives_ok($$INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
+    VALUES ('00000000-0000-4000-8000-0000000000c1', '00000000-0000-4000-8000-000000000003', 1.5, true,
+            '2025-11-05T12:00:00Z', now())$$, 'a direct INSERT of a verified action');
+SELECT is(tests.totals(), ARRAY['22.800000', '22.800000', '22.800000'], 'the direct INSERT is counted');
+-- A claim that does not match what a statement inserts stops it, and nothing changes.
+SELECT tests.mark('after insert');
+SELECT throws_ok($sql$DO $claim$
+    BEGIN
+        PERFORM set_config('bulk_sync.precounted', '1 1.500000', true);
+        INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
+        VALUES ('00000000-0000-4000-8000-0000000000c2', '00000000-0000-4000-8000-000000000003', 2.5, true,
+                '2025-11-05T12:30:00Z', now());
+    END
+    $claim$$sql$, 'XX000', 'counted actions (1 2.500000) differ from those already applied (1 1.500000)',
+    'a claim that does not match the inserted actions is refused');
+SELECT is(tests.fingerprint(), tests.fp('after insert'), 'the refused INSERT changed nothing');
+
 -- A DBA deletes actions directly: a counted one of u1 (its latest), a counted one of u2, a pending one.
 SELECT lives_ok($$DELETE FROM bulk_sync.user_actions WHERE action_id IN
     ('00000000-0000-4000-8000-0000000000a2', '00000000-0000-4000-8000-0000000000a3',
      '00000000-0000-4000-8000-0000000000b1')$$, 'a direct DELETE of three actions');
-SELECT is(tests.totals(), ARRAY['10.200000', '10.200000', '10.200000'], 'the totals lost exactly the counted ones');
+SELECT is(tests.totals(), ARRAY['11.700000', '11.700000', '11.700000'], 'the totals lost exactly the counted ones');
 SELECT is((SELECT (total_emissions_lbs::text, action_count, last_action_at)::text FROM bulk_sync.user_stats
             WHERE user_id = '00000000-0000-4000-8000-000000000001'),
           '(10.200000,1,"2025-11-05 10:00:00+00")', 'u1: total, count and latest action follow');
