@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import re
@@ -34,6 +35,7 @@ import jsonschema
 import port_for
 import pytest
 from psycopg import sql
+from uvicorn.logging import AccessFormatter
 
 from bulk_sync import serve
 from helpers import LineReader, cli_command, cli_env, connect, new_id, stop_process, wait_for
@@ -1054,10 +1056,6 @@ def test_default_body_limit_is_64_mib() -> None:
 
 @pytest.mark.parametrize("use_colors", [False, True], ids=["plain", "coloured"])
 def test_access_line_is_uvicorns_line(use_colors: bool) -> None:
-    import logging
-
-    from uvicorn.logging import AccessFormatter
-
     ours = serve.AccessLine(serve.ACCESS_FORMAT, use_colors=use_colors)
     uvicorns = AccessFormatter(serve.ACCESS_FORMAT, use_colors=use_colors)
     for level in (logging.INFO, logging.WARNING):
