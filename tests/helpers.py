@@ -209,6 +209,7 @@ class LineReader:
     def __init__(self, stream: IO[str]) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        self.ended = False  # EOF was read: every later next() returns None at once
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -219,8 +220,12 @@ class LineReader:
 
     def next(self, timeout: float) -> str | None:
         """The next line, or None at EOF; raises queue.Empty after timeout."""
+        if self.ended:
+            return None
         line = self.lines.get(timeout=timeout)
-        if line is not None:
+        if line is None:
+            self.ended = True
+        else:
             self.seen.append(line)
         return line
 
