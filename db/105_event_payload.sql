@@ -1,4 +1,4 @@
--- _event_payload: the JSON of one change event, the same wherever an event is written.
+-- _event_payload: the JSON of one change event, the same wherever an event is published.
 -- Keys: kind, user_id, action_id (when one action caused it), user_total_lbs, action_count, global_total_lbs, occurred_at.
 CREATE OR REPLACE FUNCTION bulk_sync._event_payload(
     p_kind          text,
@@ -6,7 +6,8 @@ CREATE OR REPLACE FUNCTION bulk_sync._event_payload(
     p_action_id     uuid,
     p_user_total    numeric,
     p_action_count  integer,
-    p_global_total  numeric)
+    p_global_total  numeric,
+    p_occurred_at   timestamptz)
 RETURNS jsonb
 LANGUAGE sql
 STABLE PARALLEL SAFE
@@ -18,5 +19,5 @@ AS $$
                'user_total_lbs',   bulk_sync._amount(p_user_total),
                'action_count',     p_action_count,
                'global_total_lbs', bulk_sync._amount(p_global_total),
-               'occurred_at',      bulk_sync._iso(now()))
+               'occurred_at',      bulk_sync._iso(p_occurred_at))
 $$;

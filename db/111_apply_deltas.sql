@@ -1,7 +1,7 @@
 -- _apply_deltas: applies changes of the counted set to user_stats, one global slot and the event
--- outbox, in the caller's transaction: one _user_delta per user, in user_id order. The only code
--- that moves totals. Its callers: the three count triggers (db/120-122), and _stage_apply, which
--- applies a bulk chunk's gains before inserting it.
+-- outbox (one row per call), in the caller's transaction: one _user_delta per user, in user_id
+-- order. The only code that moves totals. Its callers: the three count triggers (db/120-122),
+-- and _stage_apply, which applies a bulk chunk's gains before inserting it.
 CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(p_deltas bulk_sync._user_delta[])
 RETURNS void
 LANGUAGE plpgsql
@@ -39,9 +39,9 @@ BEGIN
         END IF;
 
         -- This statement sees the slot moved above, so the event carries the total after the change.
-        INSERT INTO bulk_sync._event_outbox (payload)
-        VALUES (bulk_sync._event_payload(v_one.kind, v_one.user_id, v_one.action_id, v_total, v_count,
-                                         bulk_sync._current_global_total()));
+        INSERT INTO bulk_sync._event_outbox (events, event_count, global_total)
+        VALUES (ARRAY[(v_one.kind, v_one.user_id, v_one.action_id, v_total, v_count)::bulk_sync._user_event], 1,
+                bulk_sync._current_global_total());
         RETURN;
     END IF;
 
@@ -80,7 +80,8 @@ BEGIN
     v_global := bulk_sync._current_global_total() + v_delta;
 
     -- Everything else in one statement: users who only gained counted actions (the row is created
-    -- on a user's first action), the writer's global slot, and one outbox event per user.
+    -- on a user's first action), the writer's global slot, and one event per user, all in one
+    -- outbox row (publish_events renders them).
     WITH d AS (
         SELECT * FROM unnest(p_deltas)
     ), gained AS (
@@ -103,10 +104,13 @@ BEGIN
          WHERE g.slot = pg_backend_pid() % 64 AND v_delta <> 0
         RETURNING g.slot
     ), events AS (
-        INSERT INTO bulk_sync._event_outbox (payload)
-        SELECT bulk_sync._event_payload(d.kind, d.user_id, d.action_id, t.total_emissions_lbs, t.action_count, v_global)
+        INSERT INTO bulk_sync._event_outbox (events, event_count, global_total)
+        SELECT array_agg((d.kind, d.user_id, d.action_id, t.total_emissions_lbs, t.action_count)::bulk_sync._user_event
+                         ORDER BY d.user_id),
+               count(*),
+               v_global
           FROM d JOIN totals AS t ON t.user_id = d.user_id
-         ORDER BY d.user_id
+        HAVING count(*) > 0
     )
     SELECT count(*) INTO v_slots FROM slot;
     PERFORM set_config('plan_cache_mode', v_plan_mode, true);

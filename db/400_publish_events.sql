@@ -20,14 +20,29 @@ BEGIN
         RETURN 0;  -- another session is publishing; its events appear when it commits
     END IF;
 
-    WITH moved AS (
+    -- Whole outbox rows, oldest first, until p_max events are taken: a row holds one writing
+    -- statement's events (or, written before 0009.event-batches, one rendered payload). Each typed
+    -- event is rendered here, with its row's global total and time.
+    WITH taken AS (
+        SELECT r.outbox_id
+          FROM (SELECT o.outbox_id,
+                       sum(coalesce(o.event_count, 1)) OVER (ORDER BY o.outbox_id) - coalesce(o.event_count, 1) AS before
+                  FROM (SELECT x.outbox_id, x.event_count FROM bulk_sync._event_outbox AS x
+                         ORDER BY x.outbox_id LIMIT p_max) AS o) AS r
+         WHERE r.before < p_max
+    ), moved AS (
         DELETE FROM bulk_sync._event_outbox AS o
-         WHERE o.outbox_id IN (SELECT x.outbox_id FROM bulk_sync._event_outbox AS x ORDER BY x.outbox_id LIMIT p_max)
-        RETURNING o.outbox_id, o.payload, o.created_at
+         WHERE o.outbox_id IN (SELECT t.outbox_id FROM taken AS t)
+        RETURNING o.outbox_id, o.payload, o.events, o.global_total, o.created_at
     ), published AS (
         INSERT INTO bulk_sync.events (event_id, payload, created_at)
-        SELECT nextval('bulk_sync.event_id_seq'), m.payload, m.created_at
-          FROM (SELECT * FROM moved ORDER BY outbox_id) AS m
+        SELECT nextval('bulk_sync.event_id_seq'), e.payload, e.created_at
+          FROM (SELECT coalesce(m.payload, bulk_sync._event_payload(u.kind, u.user_id, u.action_id, u.user_total,
+                                                                    u.action_count, m.global_total, m.created_at))
+                       AS payload, m.created_at
+                  FROM moved AS m
+                  LEFT JOIN LATERAL unnest(m.events) WITH ORDINALITY AS u ON true
+                 ORDER BY m.outbox_id, u.ordinality) AS e
         RETURNING event_id, payload
     )
     SELECT count(*)::integer, max(p.event_id), CASE WHEN count(*) = 1 THEN (array_agg(p.payload))[1] END
@@ -51,4 +66,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.publish_events(integer, boolean) IS
-    'Numbers up to p_max pending events in commit order and sends one bulk_sync_leaderboard notification; returns how many it published. When another session is publishing it returns 0 at once, or with p_wait waits for it. Run by bulk-sync worker and by events_since.';
+    'Numbers pending events in commit order, each writing statement''s events together, until p_max are numbered (more when one statement wrote more), and sends one bulk_sync_leaderboard notification; returns how many it published. When another session is publishing it returns 0 at once, or with p_wait waits for it. Run by bulk-sync worker and by events_since.';

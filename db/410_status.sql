@@ -13,7 +13,7 @@ AS $$
         'counted_actions',  (SELECT coalesce(sum(s.action_count), 0) FROM bulk_sync.user_stats AS s),
         'last_reconcile',   (SELECT r.result || jsonb_build_object('finished_at', bulk_sync._iso(r.finished_at))
                                FROM bulk_sync.reconciliation_runs AS r ORDER BY r.started_at DESC LIMIT 1),
-        'events_pending',   (SELECT count(*) FROM bulk_sync._event_outbox),
+        'events_pending',   (SELECT coalesce(sum(coalesce(o.event_count, 1)), 0) FROM bulk_sync._event_outbox AS o),
         'last_event_id',    (SELECT max(e.event_id) FROM bulk_sync.events AS e),
         'worker_alive',     EXISTS (SELECT FROM pg_catalog.pg_locks AS l
                                      WHERE l.locktype = 'advisory' AND l.granted

@@ -57,7 +57,8 @@ def load_error(url: str, path: Path, **options: Any) -> CliError:
 
 
 def counts(url: str) -> tuple[int, int, int]:
-    """(actions, user_stats rows, events written) — what a load that changes nothing must keep."""
+    """(actions, user_stats rows, outbox rows + published events): a load that changes nothing
+    keeps all three."""
     with connect(url) as conn:
         row = conn.execute(
             "SELECT (SELECT count(*) FROM bulk_sync.user_actions),"

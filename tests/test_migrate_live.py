@@ -324,11 +324,21 @@ def test_upgrade_from_the_first_release_equals_a_fresh_install(
         "0006.definitions-state",
         "0007.shared-load",
         "0008.user-delta",
+        "0009.event-batches",
     ]
     migrate(fresh)
     with connect(old) as upgraded, connect(fresh) as installed:
         _assert_same_catalog(_catalog(upgraded), _catalog(installed))
-        assert_exact_totals(upgraded, Decimal("4.250000"))
+        # The event the first release stored as JSON, then one stored typed since: both published,
+        # in order, in the same shape.
+        other = str(uuid.uuid4())
+        log_action(upgraded, _action(other, "1.000000"))
+        payloads = [e for (e,) in upgraded.execute("SELECT payload FROM bulk_sync.events_since(0)")]
+        assert [
+            (e["kind"], e["user_id"], e["user_total_lbs"], e["global_total_lbs"]) for e in payloads
+        ] == [("logged", user, "4.250000", "4.250000"), ("logged", other, "1.000000", "5.250000")]
+        assert sorted(payloads[0]) == sorted(payloads[1])
+        assert_exact_totals(upgraded, Decimal("5.250000"))
         assert reconcile(upgraded)["in_sync"] is True
         rank = upgraded.execute(
             "SELECT rank, total_lbs::text FROM bulk_sync.user_rank(%s)", (user,)

@@ -35,6 +35,7 @@ MIGRATION_IDS = [
     "0006.definitions-state",
     "0007.shared-load",
     "0008.user-delta",
+    "0009.event-batches",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -260,8 +261,25 @@ def test_upgrade_from_0001_keeps_every_row_and_total(empty_db: str) -> None:
 # --------------------------------------------------------------------------- rollback
 
 
-def _check_after_rollback(conn: psycopg.Connection, migration_id: str) -> None:
-    if migration_id == "0008.user-delta":
+def _event_counts(conn: psycopg.Connection) -> tuple[int, int]:
+    """(events published, events still in the outbox)."""
+    published = scalar(conn, "SELECT count(*) FROM bulk_sync.events")
+    pending = scalar(conn, "SELECT (bulk_sync.status() ->> 'events_pending')::bigint")
+    return int(published), int(pending)
+
+
+def _check_after_rollback(
+    conn: psycopg.Connection, migration_id: str, events_before: tuple[int, int]
+) -> None:
+    if migration_id == "0009.event-batches":
+        assert not column_exists(conn, "_event_outbox", "events")
+        assert scalar(conn, "SELECT to_regtype('bulk_sync._user_event') IS NULL")
+        # The events still stored typed were published, none lost, before their column went.
+        published, pending = events_before
+        assert pending > 0
+        assert scalar(conn, "SELECT count(*) FROM bulk_sync._event_outbox") == 0
+        assert scalar(conn, "SELECT count(*) FROM bulk_sync.events") == published + pending
+    elif migration_id == "0008.user-delta":
         assert scalar(conn, "SELECT to_regtype('bulk_sync._user_delta') IS NULL")
         assert relation_exists(conn, "bulk_sync._load_rows")
     elif migration_id == "0007.shared-load":
@@ -311,6 +329,7 @@ def test_rollback_every_migration_then_migrate_again(db_url: str) -> None:
         order = [m.id for m in backend.to_rollback(migrations)]
         assert order == MIGRATION_IDS[::-1]
         with connect(db_url) as conn:
+            events_before = _event_counts(conn)
             for migration in backend.to_rollback(migrations):
                 with backend.lock():
                     # rollback_migrations skips a migration it deems bad: the checks below
@@ -321,7 +340,7 @@ def test_rollback_every_migration_then_migrate_again(db_url: str) -> None:
                 remaining = applied_ids(backend)
                 assert migration.id not in remaining
                 assert remaining == MIGRATION_IDS[: MIGRATION_IDS.index(migration.id)]
-                _check_after_rollback(conn, migration.id)
+                _check_after_rollback(conn, migration.id, events_before)
             assert applied_ids(backend) == []
             assert not schema_exists(conn)
             # Roles are cluster-wide: 0004's rollback leaves them for the other databases.

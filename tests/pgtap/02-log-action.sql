@@ -1,7 +1,7 @@
 -- log_action, both forms: statuses inserted / duplicate / verified, numerically equal resubmissions,
 -- BS002 for changed facts (nothing changes), revocation is final, timestamps in UTC with Z.
 BEGIN;
-SELECT plan(87);
+SELECT plan(88);
 
 \ir fixtures/common.sql
 
@@ -243,7 +243,7 @@ SELECT is(tests.totals(), ARRAY['20.000001', '20.000001', '20.000001'], 'one cou
 SELECT results_eq(
     $$SELECT payload ->> 'kind', payload ->> 'user_id', payload ->> 'action_id', payload ->> 'user_total_lbs',
              payload ->> 'action_count', payload ->> 'global_total_lbs'
-        FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 1$$,
+        FROM bulk_sync.events_since(0, 10000) ORDER BY event_id DESC LIMIT 1$$,
     $$VALUES ('logged', '00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-0000000000f1', '0.000001', '1', '20.000001')$$,
     'one user''s change writes the event a batch would');
 
@@ -251,10 +251,12 @@ INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, ver
 VALUES ('00000000-0000-4000-8000-0000000000f3', '00000000-0000-4000-8000-0000000000e1', '1.000000', true, now(), now() - interval '1 hour'),
        ('00000000-0000-4000-8000-0000000000f4', '00000000-0000-4000-8000-0000000000e2', '2.000000', true, now(), now() - interval '1 hour');
 SELECT is(tests.totals(), ARRAY['23.000001', '23.000001', '23.000001'], 'two counted actions in one statement: totals move by both');
+SELECT is((SELECT array[cardinality(events)::text, global_total::text] FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 1),
+          ARRAY['2', '23.000001'], 'the statement stores its two events in one outbox row, with the global total after it');
 SELECT results_eq(
     $$SELECT payload ->> 'kind', payload ->> 'user_id', payload ->> 'action_id', payload ->> 'user_total_lbs',
              payload ->> 'action_count', payload ->> 'global_total_lbs'
-        FROM bulk_sync._event_outbox ORDER BY outbox_id DESC LIMIT 2$$,
+        FROM bulk_sync.events_since(0, 10000) ORDER BY event_id DESC LIMIT 2$$,
     $$VALUES ('logged', '00000000-0000-4000-8000-0000000000e2', '00000000-0000-4000-8000-0000000000f4', '2.000000', '1', '23.000001'),
              ('logged', '00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-0000000000f3', '1.000001', '2', '23.000001')$$,
     'the batch path writes one event per user, in the same shape');

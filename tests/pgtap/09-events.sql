@@ -2,7 +2,7 @@
 -- revoke, bulk, reconcile), read back with events_since in increasing id order, with paging.
 -- NOTIFY is only delivered on commit, so it is tested by pytest, not here.
 BEGIN;
-SELECT plan(59);
+SELECT plan(69);
 
 CREATE SCHEMA tests;
 
@@ -181,6 +181,53 @@ SELECT is((SELECT coalesce(array_agg(DISTINCT k || ': ' || (e.payload ->> k)), '
              WHERE (k LIKE '%\_at' OR k = 'timestamp') AND jsonb_typeof(e.payload -> k) = 'string' AND e.payload ->> k !~ 'Z$'),
     '{}'::text[], 'every timestamp in an event payload ends with Z');
 SELECT throws_ok($$SELECT * FROM bulk_sync.events_since(-1)$$, 'BS001', NULL, 'a negative p_after is BS001');
+
+------------------------------------------------------------------------------------------------------
+-- publishing: an outbox row holds one writing statement's events, typed (a row written before
+-- 0009.event-batches holds one rendered payload). publish_events takes whole rows, oldest first,
+-- until p_max events are taken, and renders each typed event with its row's global total and time.
+SELECT is(bulk_sync.status() -> 'events_pending', '0'::jsonb, 'every event so far is published');
+INSERT INTO bulk_sync._event_outbox (payload, created_at)
+VALUES ('{"kind": "logged", "user_id": "00000000-0000-4000-8000-0000000000b1", "user_total_lbs": "1.000000"}',
+        '2025-11-05T10:00:00Z');
+INSERT INTO bulk_sync._event_outbox (events, event_count, global_total, created_at)
+VALUES (ARRAY[('verified', '00000000-0000-4000-8000-0000000000b2', '00000000-0000-4000-8000-0000000000c2', 2.5, 3),
+              ('revoked', '00000000-0000-4000-8000-0000000000b3', NULL, 0, 0)]::bulk_sync._user_event[],
+        2, 7.25, '2025-11-05T10:00:01.5Z'),
+       (ARRAY[('reconciled', '00000000-0000-4000-8000-0000000000b4', NULL, 1e23, 1),
+              ('reconciled', '00000000-0000-4000-8000-0000000000b5', NULL, 0.000001, 2)]::bulk_sync._user_event[],
+        2, 100000000000000000000008.250001, '2025-11-05T10:00:02Z');
+SELECT is(bulk_sync.status() -> 'events_pending', '5'::jsonb, 'status counts the events, not the rows');
+SELECT is(bulk_sync.publish_events(2), 3, 'p_max 2: whole rows until two events are taken, so three');
+SELECT is(bulk_sync.publish_events(1), 2, 'p_max 1: the next row whole, so two');
+SELECT is(bulk_sync.publish_events(), 0, 'nothing left');
+SELECT results_eq(
+    format('SELECT payload FROM bulk_sync.events WHERE event_id > %s ORDER BY event_id', tests.last_seen()),
+    $$VALUES ('{"kind": "logged", "user_id": "00000000-0000-4000-8000-0000000000b1", "user_total_lbs": "1.000000"}'::jsonb),
+             ('{"kind": "verified", "user_id": "00000000-0000-4000-8000-0000000000b2",
+                "action_id": "00000000-0000-4000-8000-0000000000c2", "user_total_lbs": "2.500000", "action_count": 3,
+                "global_total_lbs": "7.250000", "occurred_at": "2025-11-05T10:00:01.500000Z"}'),
+             ('{"kind": "revoked", "user_id": "00000000-0000-4000-8000-0000000000b3", "action_id": null,
+                "user_total_lbs": "0.000000", "action_count": 0, "global_total_lbs": "7.250000",
+                "occurred_at": "2025-11-05T10:00:01.500000Z"}'),
+             ('{"kind": "reconciled", "user_id": "00000000-0000-4000-8000-0000000000b4", "action_id": null,
+                "user_total_lbs": "100000000000000000000000.000000", "action_count": 1,
+                "global_total_lbs": "100000000000000000000008.250001", "occurred_at": "2025-11-05T10:00:02Z"}'),
+             ('{"kind": "reconciled", "user_id": "00000000-0000-4000-8000-0000000000b5", "action_id": null,
+                "user_total_lbs": "0.000001", "action_count": 2,
+                "global_total_lbs": "100000000000000000000008.250001", "occurred_at": "2025-11-05T10:00:02Z"}')$$,
+    'a stored payload as it was; typed events in order, exact, with their row''s global total and time');
+SELECT throws_ok($$INSERT INTO bulk_sync._event_outbox (payload, events, event_count, global_total)
+                   VALUES ('{}', ARRAY[('logged', NULL, NULL, 1, 1)]::bulk_sync._user_event[], 1, 1)$$,
+                 '23514', NULL, 'an outbox row holds a payload or typed events, not both');
+SELECT throws_ok($$INSERT INTO bulk_sync._event_outbox (events, event_count, global_total) VALUES ('{}', 0, 1)$$,
+                 '23514', NULL, 'nor an empty list of events');
+SELECT throws_ok($$INSERT INTO bulk_sync._event_outbox (events, event_count)
+                   VALUES (ARRAY[('logged', NULL, NULL, 1, 1)]::bulk_sync._user_event[], 1)$$,
+                 '23514', NULL, 'nor typed events without their global total');
+SELECT throws_ok($$INSERT INTO bulk_sync._event_outbox (events, event_count, global_total)
+                   VALUES (ARRAY[('logged', NULL, NULL, 1, 1)]::bulk_sync._user_event[], 2, 1)$$,
+                 '23514', NULL, 'nor a count that is not the number of events');
 
 SELECT * FROM finish();
 ROLLBACK;

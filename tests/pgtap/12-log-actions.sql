@@ -177,7 +177,7 @@ SELECT lives_ok($$SELECT bulk_sync.log_actions(jsonb_build_object('actions', jso
     tests.a('f1', '4', '1.5'), tests.a('f2', '4', '2.25'), tests.a('f3', '5', '7'))))$$, 'a batch applied');
 SELECT is(tests.totals(), ARRAY['600000000000000000000020.950000', '600000000000000000000020.950000',
                                 '600000000000000000000020.950000'], 'the three totals agree');
-SELECT is((SELECT count(*) FROM bulk_sync._event_outbox
+SELECT is((SELECT count(*) FROM bulk_sync.events_since(0, 10000)
             WHERE payload ->> 'user_id' IN ('00000000-0000-4000-8000-000000000004', '00000000-0000-4000-8000-000000000005')),
           2::bigint, 'one event per user of the batch');
 

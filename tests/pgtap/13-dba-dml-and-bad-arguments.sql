@@ -49,7 +49,7 @@ SELECT is((SELECT (total_emissions_lbs::text, action_count)::text FROM bulk_sync
             WHERE user_id = '00000000-0000-4000-8000-000000000002'),
           '(0.000000,0)', 'u2: nothing counted any more');
 SELECT is((SELECT string_agg(payload ->> 'kind' || ' ' || (payload ->> 'user_total_lbs'), ', ' ORDER BY payload ->> 'user_id')
-             FROM bulk_sync._event_outbox WHERE payload ->> 'kind' = 'deleted'),
+             FROM bulk_sync.events_since(0, 10000) WHERE payload ->> 'kind' = 'deleted'),
           'deleted 10.200000, deleted 0.000000', 'one deleted event per user that lost a counted action');
 SELECT is(bulk_sync.reconcile('{"auto_correct": false}') -> 'in_sync', 'true'::jsonb, 'reconcile finds nothing to fix');
 SELECT tests.mark('after delete');
