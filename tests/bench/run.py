@@ -23,6 +23,7 @@ Targets (docs/PERFORMANCE.md explains each baseline):
         (and NDJSON, a rerun, and 4 live log_action clients during the load)
     T2b one 10,000-action bulk_backfill call vs INSERT ... SELECT FROM jsonb_to_recordset of it
     T3  one 10,000-action bulk_backfill call on an empty ledger vs on a ledger of 1,000,000 actions
+        (T2b's and T3's three series of calls take turns, call by call)
     T4  reconcile() vs a bare SELECT sum(...) over the counted actions (5,000,000 actions)
     T5  leaderboard top 10 and user_rank among 1,000,000 users, with their plans (auto_explain)
     T6  (``--only 6``) POST /api/actions/log through ``bulk-sync serve`` driven by wrk
@@ -42,6 +43,7 @@ Amounts never pass through float; timings do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -1130,30 +1132,41 @@ CALL_FLOOR = (
 )
 
 
-def time_batches(
-    url: str, sizes: Sizes, users: int, seed: int, statement: str = CALL_BATCH
-) -> tuple[list[float], int, int]:
-    """One warm-up call, then ``batch_repeats`` timed calls (each committed)."""
-    rng = random.Random(seed)
-    times = []
-    sent = 0
-    with connect(url, autocommit=False) as conn:
+@dataclass
+class Lane:
+    """One series of T3's batch calls: a statement on a database, its batches from ``seed``."""
+
+    url: str
+    seed: int
+    statement: str = CALL_BATCH
+    times: list[float] = field(default_factory=list)
+    sent: int = 0  # µlbs of the verified actions sent
+    rows: int = 0
+
+
+def time_batches(lanes: list[Lane], sizes: Sizes, users: int) -> None:
+    """One warm-up call per lane, then ``batch_repeats`` timed calls (each committed), the lanes
+    taking turns call by call, so that a machine that slows down part way slows them all alike."""
+    rngs = [random.Random(lane.seed) for lane in lanes]
+    with contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(connect(lane.url, autocommit=False)) for lane in lanes]
         for i in range(sizes.batch_repeats + 1):
-            body, micro = make_batch(rng, sizes.batch_actions, users)
+            for lane, rng, conn in zip(lanes, rngs, conns, strict=True):
+                body, micro = make_batch(rng, sizes.batch_actions, users)
 
-            def call(body: str = body) -> Any:
-                cursor = conn.execute(statement, (body,))
-                result = cursor.fetchone()[0] if statement == CALL_BATCH else None
-                conn.commit()
-                return result
+                def call(conn: Any = conn, lane: Lane = lane, body: str = body) -> Any:
+                    cursor = conn.execute(lane.statement, (body,))
+                    result = cursor.fetchone()[0] if lane.statement == CALL_BATCH else None
+                    conn.commit()
+                    return result
 
-            seconds, result = timed(call)
-            if result is not None and result["inserted_count"] != sizes.batch_actions:
-                raise RuntimeError(f"bulk_backfill inserted {result['inserted_count']}")
-            sent += micro
-            if i:
-                times.append(seconds)
-    return times, sent, sizes.batch_actions * (sizes.batch_repeats + 1)
+                seconds, result = timed(call)
+                if result is not None and result["inserted_count"] != sizes.batch_actions:
+                    raise RuntimeError(f"bulk_backfill inserted {result['inserted_count']}")
+                lane.sent += micro
+                lane.rows += sizes.batch_actions
+                if i:
+                    lane.times.append(seconds)
 
 
 def ledger_totals(url: str) -> tuple[int, int]:
@@ -1175,37 +1188,43 @@ def target_3(
         execute(url, "VACUUM ANALYZE", "CHECKPOINT")
     before_micro, before_n = ledger_totals(big_url)
 
-    profiler.reset(empty_url)
-    empty_times, empty_micro, empty_n = time_batches(empty_url, sizes, sizes.csv_users, 31)
-    profiler.show(empty_url, "T3 empty")
-    profiler.reset(big_url)
-    big_times, big_micro, big_n = time_batches(big_url, sizes, sizes.csv_users, 32)
-    profiler.show(big_url, "T3 full")
-    say(f"  empty ledger: {', '.join(fmt_ms(t) for t in empty_times)}")
-    say(f"  {big_actions:,} actions: {', '.join(fmt_ms(t) for t in big_times)}")
-
-    # T2b: the same batches (same seed) through the floor of any JSON path.
+    # T2b: the same batches as the empty ledger's (same seed) through the floor of any JSON path.
     execute(
         empty_url,
         "CREATE SCHEMA bench",
         "CREATE TABLE bench.floor_actions (LIKE bulk_sync.user_actions INCLUDING ALL)",
     )
-    floor_times, floor_micro, floor_n = time_batches(
-        empty_url, sizes, sizes.csv_users, 31, CALL_FLOOR
+    empty_lane, big_lane = Lane(empty_url, 31), Lane(big_url, 32)
+    floor_lane = Lane(empty_url, 31, CALL_FLOOR)
+    profiler.reset(empty_url)
+    profiler.reset(big_url)
+    time_batches([empty_lane, big_lane, floor_lane], sizes, sizes.csv_users)
+    profiler.show(empty_url, "T3 empty (and the T2b floor)")
+    profiler.show(big_url, "T3 full")
+    say(f"  empty ledger: {', '.join(fmt_ms(t) for t in empty_lane.times)}")
+    say(f"  {big_actions:,} actions: {', '.join(fmt_ms(t) for t in big_lane.times)}")
+    floor_times = ", ".join(fmt_ms(t) for t in floor_lane.times)
+    say(f"  the JSON floor (jsonb_to_recordset INSERT): {floor_times}")
+    check_table(
+        report,
+        empty_url,
+        "T2b floor",
+        "bench.floor_actions",
+        amount(floor_lane.sent),
+        floor_lane.rows,
     )
-    say(
-        f"  the JSON floor (jsonb_to_recordset INSERT): {', '.join(fmt_ms(t) for t in floor_times)}"
-    )
-    check_table(report, empty_url, "T2b floor", "bench.floor_actions", amount(floor_micro), floor_n)
 
-    check_ledger(report, empty_url, "T3 empty ledger", amount(empty_micro), empty_n)
+    check_ledger(report, empty_url, "T3 empty ledger", amount(empty_lane.sent), empty_lane.rows)
     check_ledger(
-        report, big_url, "T3 full ledger", amount(before_micro + big_micro), before_n + big_n
+        report,
+        big_url,
+        "T3 full ledger",
+        amount(before_micro + big_lane.sent),
+        before_n + big_lane.rows,
     )
     execute(cluster.url("postgres"), "DROP DATABASE t3_empty")
 
-    empty, full = statistics.median(empty_times), statistics.median(big_times)
-    floor = statistics.median(floor_times)
+    empty, full, floor = (statistics.median(x.times) for x in (empty_lane, big_lane, floor_lane))
     report.add(
         Row(
             "T2b",
