@@ -110,9 +110,9 @@ BEGIN
     END IF;
     SELECT sum(g.total_lbs) INTO v_global FROM lab.slots AS g;
     IF p_verified THEN
-        INSERT INTO lab.outbox (events, global_total)
+        INSERT INTO lab.outbox (events, event_count, global_total)
         VALUES (ARRAY[('logged', p_user_id, p_action_id, v_total, v_count)::bulk_sync._user_event],
-                v_global);
+                1, v_global);
     END IF;
     RETURN jsonb_build_object(
         'success', true, 'status', 'inserted', 'action_id', p_action_id, 'user_id', p_user_id,
