@@ -198,7 +198,7 @@ VALUES (ARRAY[('verified', '00000000-0000-4000-8000-0000000000b2', '00000000-000
               ('reconciled', '00000000-0000-4000-8000-0000000000b5', NULL, 0.000001, 2)]::bulk_sync._user_event[],
         2, 100000000000000000000008.250001, '2025-11-05T10:00:02Z');
 SELECT is(bulk_sync.status() -> 'events_pending', '5'::jsonb, 'status counts the events, not the rows');
-SELECT is(bulk_sync.publish_events(2), 3, 'p_max 2: whole rows until two events are taken, so three');
+SELECT is(bulk_sync.publish_events(3), 3, 'p_max 3: the first two rows hold three events, and the third row waits');
 SELECT is(bulk_sync.publish_events(1), 2, 'p_max 1: the next row whole, so two');
 SELECT is(bulk_sync.publish_events(), 0, 'nothing left');
 SELECT results_eq(
