@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bulk_sync import serve
 from helpers import assert_exact_totals, connect, new_id, per_user_stats, wait_for
 from test_serve import TOKEN_ENV, TOKENS, Server
 
@@ -394,3 +395,32 @@ def test_sigkill_mid_load_leaves_every_acknowledged_action_counted(
         total = assert_exact_totals(conn)
         assert Decimal(total) == sum(rows.values(), Decimal(0))
         assert sum((sent[a] for a in acknowledged), Decimal(0)) <= Decimal(total)
+
+
+def test_a_batch_runs_under_the_role_of_each_of_its_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests of an admin token and of a writer token, waiting together, go out in batches
+    of one level each (``SET LOCAL ROLE`` holds for a whole transaction)."""
+    sent: list[tuple[int, int]] = []
+
+    async def execute(
+        pool: object, level: int, statement: str, params: dict[str, str]
+    ) -> list[tuple[Any, ...]]:
+        if statement == serve.BATCH_SQL:
+            count = len(json.loads(params["body"])["actions"])
+            sent.append((level, count))
+            return [(False, f'"{level}"')] * count
+        sent.append((level, 1))
+        return [(f'"{level}"',)]
+
+    monkeypatch.setattr(serve, "_execute", execute)
+    levels = [serve.WRITER] * 3 + [serve.ADMIN] * 2 + [serve.WRITER] * 2
+
+    async def log_all() -> list[str]:
+        coalescer = serve.Coalescer(pool=None, max_actions=100)  # type: ignore[arg-type]
+        return await asyncio.gather(*(coalescer.log(level, "{}") for level in levels))
+
+    answers = asyncio.run(log_all())
+    assert answers == [f'"{level}"' for level in levels]
+    assert sent == [(serve.WRITER, 3), (serve.ADMIN, 2), (serve.WRITER, 2)]

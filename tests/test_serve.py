@@ -381,6 +381,63 @@ def test_amounts_are_exact_strings_whatever_the_body_carries(
     assert big["global_total_lbs"] == "123456789012345678.423456"
 
 
+def test_bodies_postgresql_reads_are_not_refused_by_the_server(
+    db_url: str, start_server: Callable[..., Server]
+) -> None:
+    """The server checks that a body is one JSON object without converting its numbers, so a
+    number of any size reaches PostgreSQL as written."""
+    api = start_server(db_url).api
+    digits = "9" * 5000
+    action_id = new_id()
+    doc = json.dumps(action_body(action_id))
+    text = doc[:-1] + f', "metadata": {{"n": {digits}}}}}'
+    response = api.post("/api/actions/log", text)
+    assert response.status_code == 200, response.text
+    with connect(db_url) as conn:
+        stored = conn.execute(
+            "SELECT metadata ->> 'n' FROM bulk_sync.user_actions WHERE action_id = %s",
+            [action_id],
+        ).fetchone()
+    assert stored == (digits,)
+    deep = api.post("/api/actions/log", '{"metadata": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert assert_error(deep, 400, "BS001")["message"] == "the body is nested too deeply to read"
+
+
+def test_idempotency_key_header_stands_in_for_a_null_key(
+    db_url: str, start_server: Callable[..., Server]
+) -> None:
+    api = start_server(db_url).api
+    request = json.dumps({"actions": [action_body()], "idempotency_key": None})
+    headers = {"Idempotency-Key": "header-key"}
+    first = json_of(api.post("/api/actions/bulk_backfill", request, headers=headers))
+    again = json_of(api.post("/api/actions/bulk_backfill", request, headers=headers))
+    assert (first["idempotency_key"], first["replayed"]) == ("header-key", False)
+    assert (again["idempotency_key"], again["replayed"]) == ("header-key", True)
+
+
+def test_event_ids_past_int4_are_read_by_page_and_stream(
+    db_url: str, start_server: Callable[..., Server]
+) -> None:
+    with connect(db_url) as conn:
+        conn.execute("SELECT setval('bulk_sync.event_id_seq', 2147483650)")
+    server = start_server(db_url)
+    api = server.api
+    api.post("/api/actions/log", action_body())
+    api.post("/api/actions/log", action_body())
+    first = 2147483651
+    wait_for(
+        lambda: json_of(api.get(f"/api/events?after={first}"))["last_event_id"] == first + 1,
+        10,
+        0.1,
+        "the second event past int4",
+    )
+    stream = SseReader(f"{server.base}/api/events/stream?after={first}")
+    try:
+        assert stream.next(5)[0] == first + 1
+    finally:
+        stream.close()
+
+
 # --------------------------------------------------------------------------- statuses
 
 
@@ -506,6 +563,70 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
     ("bad uuid in user path", "GET", "/api/users/12345", R, {}, 400, "BS001"),
     ("as_of not a time", "GET", "/api/totals?as_of=yesterday", R, {}, 400, "BS001"),
     ("as_of without zone", "GET", "/api/totals?as_of=2025-11-05T10:00:00", R, {}, 400, "BS001"),
+    (
+        "as_of before year 1 in UTC",
+        "GET",
+        "/api/totals?as_of=0001-01-01T00:00:00%2B01:00",
+        R,
+        {},
+        400,
+        "BS001",
+    ),
+    (
+        "as_of after 9999 in UTC",
+        "GET",
+        f"/api/users/{STORED_USER}?as_of=9999-12-31T23:59:59-01:00",
+        R,
+        {},
+        400,
+        "BS001",
+    ),
+    ("after over bigint", "GET", "/api/events?after=9223372036854775808", R, {}, 400, "BS001"),
+    (
+        "Last-Event-ID not ASCII digits",
+        "GET",
+        "/api/events/stream",
+        R,
+        {"headers": {"Last-Event-ID": b"\xb2"}},
+        400,
+        "BS001",
+    ),
+    (
+        "Last-Event-ID over bigint",
+        "GET",
+        "/api/events/stream",
+        R,
+        {"headers": {"Last-Event-ID": "99999999999999999999"}},
+        400,
+        "BS001",
+    ),
+    (
+        "verify with a typo key",
+        "POST",
+        f"/api/actions/{STORED}/verify",
+        W,
+        {"json": '{"performd_by": "alice"}'},
+        400,
+        "BS001",
+    ),
+    (
+        "revoke with an unknown key",
+        "POST",
+        f"/api/actions/{uuid.uuid4()}/revoke",
+        W,
+        {"json": '{"reason": "a duplicate", "extra": 1}'},
+        400,
+        "BS001",
+    ),
+    (
+        "revoke with a reason not a string",
+        "POST",
+        f"/api/actions/{uuid.uuid4()}/revoke",
+        W,
+        {"json": '{"reason": false}'},
+        400,
+        "BS001",
+    ),
     ("limit not an integer", "GET", "/api/leaderboard?limit=ten", R, {}, 400, "BS001"),
     ("limit over the SQL's", "GET", "/api/leaderboard?limit=100000", R, {}, 400, "BS001"),
     ("after negative", "GET", "/api/events?after=-1", R, {}, 400, "BS001"),
@@ -560,6 +681,7 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
     ("reader token verifies", "POST", f"/api/actions/{STORED}/verify", R, {}, 403, "forbidden"),
     ("unknown path", "GET", "/api/nothing", R, {}, 404, "not_found"),
     ("unknown path under a known one", "POST", "/api/actions/log/more", W, {}, 404, "not_found"),
+    ("a known path with a slash", "GET", "/api/totals/", R, {}, 404, "not_found"),
     ("unknown action", "POST", f"/api/actions/{uuid.uuid4()}/verify", W, {}, 404, "BS004"),
     ("unknown user", "GET", f"/api/users/{uuid.uuid4()}", R, {}, 404, "BS004"),
     (
@@ -928,6 +1050,28 @@ def test_unreachable_database_is_503_with_retry_after_then_recovers(
     assert api.post("/api/actions/log", action_body()).status_code == 200
     assert fingerprint(db_url)[0] == 1  # the 503 POST stored nothing
     assert "Traceback" not in server.output()
+
+
+def test_killed_pool_connections_are_replaced_before_a_request_gets_one(
+    db_url: str, admin_url: str, start_server: Callable[..., Server]
+) -> None:
+    """The database stays up while every pooled backend is killed (as a restart or an
+    administrator would): the next requests get new connections, never a 503."""
+    server = start_server(db_url)
+    api = server.api
+    for _ in range(8):
+        assert api.get("/api/status").status_code == 200
+    with connect(admin_url) as admin:
+        (killed,) = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name = 'bulk-sync serve'",
+            [db_url.rsplit("/", 1)[1]],
+        ).fetchone()
+    assert killed >= 2
+    statuses = [api.get("/api/status").status_code for _ in range(8)]
+    statuses.append(api.post("/api/actions/log", action_body()).status_code)
+    assert statuses == [200] * 9
+    assert fingerprint(db_url)[0] == 1
 
 
 # --------------------------------------------------------------------------- the page

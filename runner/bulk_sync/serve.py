@@ -25,6 +25,7 @@ import copy
 import hmac
 import http
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ from uvicorn.logging import AccessFormatter
 
 from bulk_sync import events
 from bulk_sync.db import APP_NAME, MIGRATE_HINT, connect
-from bulk_sync.jsonutil import dumps, loads
+from bulk_sync.jsonutil import dumps
 
 log = logging.getLogger("bulk_sync.serve")
 
@@ -67,6 +68,7 @@ HUB_POLL_S = 0.5  # the server publishes and reads events itself at least this o
 HEARTBEAT_S = 15.0
 MAX_PENDING_PAGES = 1000  # a stream client this far behind is dropped; it resumes on reconnect
 INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1  # event ids are bigint
 
 READER, WRITER, ADMIN = 1, 2, 3
 ROLE = {READER: "bulk_sync_reader", WRITER: "bulk_sync_writer", ADMIN: "bulk_sync_admin"}
@@ -254,14 +256,17 @@ def path_uuid(name: str) -> Param:
     return read
 
 
-def query_int(name: str, default: int) -> Param:
+def integer(name: str, text: str, maximum: int = INT4_MAX) -> int:
+    """``text`` as an integer of at most ``maximum`` in absolute value, else BS001."""
+    if not re.fullmatch(r"-?[0-9]{1,19}", text) or abs(int(text)) > maximum:
+        raise bad_input(f"{name} must be an integer", f"{name}: {text}")
+    return int(text)
+
+
+def query_int(name: str, default: int, maximum: int = INT4_MAX) -> Param:
     def read(request: Request) -> dict[str, Any]:
         text = request.query_params.get(name)
-        if text is None:
-            return {name: default}
-        if not re.fullmatch(r"-?[0-9]{1,10}", text) or abs(int(text)) > INT4_MAX:
-            raise bad_input(f"{name} must be an integer", f"{name}: {text}")
-        return {name: int(text)}
+        return {name: default if text is None else integer(name, text, maximum)}
 
     return read
 
@@ -279,7 +284,10 @@ def query_time(name: str) -> Param:
             raise bad_input(f"{name} must be an ISO 8601 timestamp", f"{name}: {text}") from None
         if value.tzinfo is None:
             raise bad_input(f"{name} must have a zone offset (Z or +hh:mm)", f"{name}: {text}")
-        iso = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        try:
+            iso = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        except OverflowError:  # before year 1 or after 9999 once in UTC
+            raise bad_input(f"{name} is out of range", f"{name}: {text}") from None
         return {name: value, f"{name}_text": iso}
 
     return read
@@ -309,7 +317,9 @@ class Api:
     """One endpoint: a method and path, the level it needs, and the one statement it runs.
 
     The statement returns one text column (the JSON body). ``missing`` is the 404 message
-    when it returns no row (or an empty array).
+    when it returns no row (or an empty array). ``fields`` are the keys of a body that maps to
+    text arguments: each becomes the parameter of its name (NULL when absent), and any other key
+    is BS001, so that a typo never silently becomes a default.
     """
 
     method: str
@@ -320,6 +330,7 @@ class Api:
     params: tuple[Param, ...] = ()
     missing: str | None = None
     coalesce: bool = False  # the statement is LOG_SQL; concurrent calls may share a log_actions
+    fields: tuple[str, ...] = ()
 
 
 LOG_SQL = "SELECT bulk_sync.log_action(%(body)s::jsonb)::text"
@@ -338,8 +349,9 @@ ROUTES: tuple[Api, ...] = (
         "POST",
         "/api/actions/bulk_backfill",
         WRITER,
-        # The Idempotency-Key header is used when the body has no idempotency_key.
-        "SELECT bulk_sync.bulk_backfill(CASE WHEN %(key)s::text IS NULL OR b ? 'idempotency_key'"
+        # The Idempotency-Key header is used when the body has no idempotency_key (or null).
+        "SELECT bulk_sync.bulk_backfill(CASE WHEN %(key)s::text IS NULL"
+        " OR b ->> 'idempotency_key' IS NOT NULL"
         " THEN b ELSE b || jsonb_build_object('idempotency_key', %(key)s::text) END)::text"
         " FROM (SELECT %(body)s::jsonb AS b) AS r",
         BODY,
@@ -356,18 +368,19 @@ ROUTES: tuple[Api, ...] = (
         "POST",
         "/api/actions/{action_id}/verify",
         WRITER,
-        "SELECT bulk_sync.verify_action(%(action_id)s, %(body)s::jsonb ->> 'performed_by')::text",
+        "SELECT bulk_sync.verify_action(%(action_id)s, %(performed_by)s)::text",
         OPTIONAL_BODY,
         (path_uuid("action_id"),),
+        fields=("performed_by",),
     ),
     Api(
         "POST",
         "/api/actions/{action_id}/revoke",
         WRITER,
-        "SELECT bulk_sync.revoke_action(%(action_id)s, b ->> 'reason', b ->> 'performed_by')::text"
-        " FROM (SELECT %(body)s::jsonb AS b) AS r",
+        "SELECT bulk_sync.revoke_action(%(action_id)s, %(reason)s, %(performed_by)s)::text",
         OPTIONAL_BODY,
         (path_uuid("action_id"),),
+        fields=("reason", "performed_by"),
     ),
     Api(
         "GET",
@@ -418,7 +431,7 @@ ROUTES: tuple[Api, ...] = (
         " ORDER BY e.event_id), '[]'),"
         " 'last_event_id', coalesce(max(e.event_id), %(after)s))::text"
         " FROM bulk_sync.events_since(%(after)s, %(limit)s) AS e",
-        params=(query_int("after", 0), query_int("limit", EVENT_PAGE)),
+        params=(query_int("after", 0, INT8_MAX), query_int("limit", EVENT_PAGE)),
     ),
     Api("GET", "/api/status", READER, "SELECT bulk_sync.status()::text"),
 )
@@ -522,19 +535,54 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def json_object_text(body: bytes, optional: bool) -> str:
-    """The body as the text that goes to SQL, once it is known to be one JSON object."""
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class JsonNumber:
+    """A number of a checked body, as its text: checking never converts one, so no size of
+    number is refused here (PostgreSQL reads the body)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+_CHECKER = json.JSONDecoder(parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_not_json)
+JSON_KIND = {dict: "object", list: "array", str: "string", bool: "boolean", JsonNumber: "number"}
+
+
+def json_object(body: bytes, optional: bool) -> tuple[str, dict[str, Any]]:
+    """The body as the text that goes to SQL, once it is known to be one JSON object, and that
+    object (its numbers as text)."""
     if not body.strip() and optional:
-        return "{}"
+        return "{}", {}
     try:
         text = body.decode("utf-8")
-        value = loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        value = _CHECKER.decode(text)
+    except RecursionError:
+        raise bad_input("the body is nested too deeply to read") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise bad_input("the body is not valid JSON", str(exc)[:200]) from None
     if not isinstance(value, dict):
-        kind = {list: "array", str: "string", bool: "boolean"}.get(type(value), "scalar")
+        kind = JSON_KIND.get(type(value), "null")
         raise bad_input("the body must be a JSON object", f"got a JSON {kind}")
-    return text
+    return text, value
+
+
+def text_fields(value: dict[str, Any], names: tuple[str, ...]) -> dict[str, str | None]:
+    """The body's keys ``names`` as text arguments (None when absent or null)."""
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise bad_input(
+            f"unknown key {unknown[0]!r}", f"the body may have {', '.join(names)}; got {unknown}"
+        )
+    wrong = [name for name in names if not isinstance(value.get(name), str | None)]
+    if wrong:
+        kind = JSON_KIND[type(value[wrong[0]])]
+        raise bad_input(f"{wrong[0]} must be a string", f"{wrong[0]}: a JSON {kind}")
+    return {name: value.get(name) for name in names}
 
 
 # --------------------------------------------------------------------------- database calls
@@ -693,6 +741,8 @@ class Coalescer:
             waiter = self.waiting[0]
             if batch and size + len(waiter.body) > self.max_bytes:
                 break
+            if batch and waiter.level != batch[0].level:  # a batch runs under one role
+                break
             self.waiting.popleft()
             self.waiting_bytes -= waiter.size
             if waiter.future.done():  # its client went away before it was sent: drop it
@@ -716,7 +766,7 @@ class Coalescer:
         body = '{"actions": [' + ", ".join(w.body for w in batch) + "]}"
         for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
-                rows = await _execute(self.pool, WRITER, BATCH_SQL, {"body": body})
+                rows = await _execute(self.pool, batch[0].level, BATCH_SQL, {"body": body})
                 break
             except (psycopg.Error, PoolTimeout) as exc:
                 error = database_error(exc)
@@ -776,7 +826,9 @@ def endpoint(api: Api) -> Callable[[Request], Any]:
         if api.body != NO_BODY:
             check_content_type(request)
             body = await read_body(request, state.settings.max_body_bytes)
-            params["body"] = json_object_text(body, optional=api.body == OPTIONAL_BODY)
+            params["body"], value = json_object(body, optional=api.body == OPTIONAL_BODY)
+            if api.fields:
+                params.update(text_fields(value, api.fields))
         if api.coalesce and state.coalescer is not None:
             text = await state.coalescer.log(level, params["body"])
         else:
@@ -823,13 +875,13 @@ async def stream(request: Request) -> Response:
     """Server-Sent Events: everything after ``after`` (or Last-Event-ID), then live."""
     state = request.app.state
     level = authorize(state.settings, request, READER)
-    resume = request.headers.get("last-event-id")
-    if resume is not None and resume.strip():
-        if not resume.strip().isdigit():
+    resume = (request.headers.get("last-event-id") or "").strip()
+    if resume:
+        if not re.fullmatch(r"[0-9]{1,19}", resume) or int(resume) > INT8_MAX:
             raise bad_input("Last-Event-ID must be an event id", f"Last-Event-ID: {resume}")
         after = int(resume)
     else:
-        after = query_int("after", 0)(request)["after"]
+        after = query_int("after", 0, INT8_MAX)(request)["after"]
     if after < 0:
         raise bad_input("after must be 0 or a previous event_id", f"after: {after}")
     hub: EventHub = state.hub
@@ -1028,6 +1080,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_size=settings.pool_size,
             kwargs={"autocommit": True, "application_name": f"{APP_NAME} serve"},
             timeout=POOL_TIMEOUT_S,
+            # A connection the server closed (a restart, a killed backend) is replaced before
+            # a request gets it, rather than answered with 503.
+            check=AsyncConnectionPool.check_connection,
             open=False,
         )
         await pool.open(wait=False)
@@ -1063,6 +1118,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: internal_error,
         },
     )
+    app.router.redirect_slashes = False  # /api/totals/ is an unknown path, not a redirect
     app.state.settings = settings
     app.state.page = static_file("index.html")
     app.state.openapi = static_file("openapi.json")
