@@ -8,22 +8,27 @@ AS $$
 DECLARE
     v_first   record;
     v_deltas  bulk_sync._user_delta[];
-    v_claim   text := current_setting('bulk_sync.precounted', true);
+    v_claim   text;
     v_found   text;
 BEGIN
-    -- A bulk chunk applies its gains itself before its INSERT and says so in bulk_sync.precounted:
-    -- how many counted actions it inserts and their sum (see _stage_apply). The claim is used up
-    -- here, and must match what was inserted, so it never covers any other statement.
-    IF v_claim <> '' THEN
+    -- A bulk chunk applies its gains itself before its INSERT and claims them in _precount_claims: how
+    -- many counted actions it inserts and their sum (see _stage_apply). The setting bulk_sync.precounted
+    -- only says that there is a claim to look for, so the statements of log_action never read the table;
+    -- any session may set it, and alone it claims nothing. The claim is used up here, and must match
+    -- what was inserted, so it never covers any other statement.
+    IF current_setting('bulk_sync.precounted', true) <> '' THEN
         PERFORM set_config('bulk_sync.precounted', '', true);
-        SELECT format('%s %s', count(*), coalesce(sum(n.emissions_saved_lbs), 0)) INTO v_found
-          FROM new_actions AS n
-         WHERE n.verified AND NOT n.revoked;
-        IF v_found <> v_claim THEN
-            RAISE EXCEPTION 'counted actions (%) differ from those already applied (%)', v_found, v_claim
-                USING ERRCODE = 'XX000';
+        DELETE FROM bulk_sync._precount_claims AS c WHERE c.xid = pg_current_xact_id() RETURNING c.claim INTO v_claim;
+        IF FOUND THEN
+            SELECT format('%s %s', count(*), coalesce(sum(n.emissions_saved_lbs), 0)) INTO v_found
+              FROM new_actions AS n
+             WHERE n.verified AND NOT n.revoked;
+            IF v_found <> v_claim THEN
+                RAISE EXCEPTION 'counted actions (%) differ from those already applied (%)', v_found, v_claim
+                    USING ERRCODE = 'XX000';
+            END IF;
+            RETURN NULL;
         END IF;
-        RETURN NULL;
     END IF;
 
     -- The first counted action and how many there are: a single one (every log_action that counts)

@@ -57,8 +57,8 @@ BEGIN
 
     -- A chunk that verifies no stored action knows its gains before it inserts: they are applied first,
     -- one _user_delta per user, which locks (or creates) the same users in the same order, and the
-    -- INSERT then tells the count trigger they are counted (bulk_sync.precounted, see
-    -- _count_inserted_actions). A new user's row is written once, with its totals, instead of created
+    -- INSERT then tells the count trigger they are counted (a row of _precount_claims, which only
+    -- bulk_sync writes, flagged by bulk_sync.precounted; see _count_inserted_actions). A new user's row is written once, with its totals, instead of created
     -- empty by _lock_users and then updated.
     --
     -- New actions in one plain INSERT, in action_id order so concurrent loads lock index entries in one
@@ -82,7 +82,8 @@ BEGIN
                      GROUP BY l.user_id) AS g;
             IF v_deltas IS NOT NULL THEN
                 PERFORM bulk_sync._apply_deltas(v_deltas);
-                PERFORM set_config('bulk_sync.precounted', v_claim, true);
+                INSERT INTO bulk_sync._precount_claims (xid, claim) VALUES (pg_current_xact_id(), v_claim);
+                PERFORM set_config('bulk_sync.precounted', 'on', true);
             END IF;
         ELSE
             PERFORM bulk_sync._lock_users(v_held);

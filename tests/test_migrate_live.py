@@ -325,6 +325,7 @@ def test_upgrade_from_the_first_release_equals_a_fresh_install(
         "0007.shared-load",
         "0008.user-delta",
         "0009.event-batches",
+        "0010.precount-claims",
     ]
     migrate(fresh)
     with connect(old) as upgraded, connect(fresh) as installed:

@@ -36,6 +36,7 @@ MIGRATION_IDS = [
     "0007.shared-load",
     "0008.user-delta",
     "0009.event-batches",
+    "0010.precount-claims",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -271,7 +272,9 @@ def _event_counts(conn: psycopg.Connection) -> tuple[int, int]:
 def _check_after_rollback(
     conn: psycopg.Connection, migration_id: str, events_before: tuple[int, int]
 ) -> None:
-    if migration_id == "0009.event-batches":
+    if migration_id == "0010.precount-claims":
+        assert not relation_exists(conn, "bulk_sync._precount_claims")
+    elif migration_id == "0009.event-batches":
         assert not column_exists(conn, "_event_outbox", "events")
         assert scalar(conn, "SELECT to_regtype('bulk_sync._user_event') IS NULL")
         # The events still stored typed were published, none lost, before their column went.

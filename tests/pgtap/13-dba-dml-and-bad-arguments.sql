@@ -2,7 +2,7 @@
 -- bulk load that applied its own gains, and the operational functions reject bad arguments with
 -- BS001, changing nothing: the paths no other file reaches.
 BEGIN;
-SELECT plan(30);
+SELECT plan(33);
 
 \ir fixtures/common.sql
 
@@ -20,6 +20,7 @@ SELECT is(tests.totals(), ARRAY['21.300000', '21.300000', '21.300000'], 'fixture
 -- The load applied its gains before its INSERT and told the count trigger so; that claim covered its
 -- INSERT only. A DBA's INSERT in the same transaction is counted as usual.
 SELECT is(nullif(current_setting('bulk_sync.precounted', true), ''), NULL, 'the load left no claim behind');
+SELECT is_empty('SELECT * FROM bulk_sync._precount_claims', 'nor a row of one');
 SELECT lives_ok($$INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
     VALUES ('00000000-0000-4000-8000-0000000000c1', '00000000-0000-4000-8000-000000000003', 1.5, true,
             '2025-11-05T12:00:00Z', now())$$, 'a direct INSERT of a verified action');
@@ -28,7 +29,8 @@ SELECT is(tests.totals(), ARRAY['22.800000', '22.800000', '22.800000'], 'the dir
 SELECT tests.mark('after insert');
 SELECT throws_ok($sql$DO $claim$
     BEGIN
-        PERFORM set_config('bulk_sync.precounted', '1 1.500000', true);
+        INSERT INTO bulk_sync._precount_claims (xid, claim) VALUES (pg_current_xact_id(), '1 1.500000');
+        PERFORM set_config('bulk_sync.precounted', 'on', true);
         INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
         VALUES ('00000000-0000-4000-8000-0000000000c2', '00000000-0000-4000-8000-000000000003', 2.5, true,
                 '2025-11-05T12:30:00Z', now());
@@ -76,6 +78,17 @@ SELECT throws_ok($$SELECT bulk_sync.bulk_backfill('{"actions": [], "idempotency_
 SELECT throws_ok(format('SELECT bulk_sync.bulk_backfill(%L)', jsonb_build_object('actions', '[]'::jsonb, 'idempotency_key', repeat('k', 201))),
     'BS001', NULL, 'bulk_backfill: an idempotency_key of 201 characters');
 SELECT is(tests.fingerprint(), tests.fp('after delete'), 'the rejected calls changed nothing');
+
+-- The setting alone claims nothing: any session may set it. A writer who sets it before log_action
+-- still has its action counted.
+CREATE ROLE tests_writer NOLOGIN IN ROLE bulk_sync_writer;
+SET LOCAL ROLE tests_writer;
+SET LOCAL bulk_sync.precounted = '1 5.000000';
+SELECT is(bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000c3", "user_id": "00000000-0000-4000-8000-0000000000d9",
+    "lbs": "5", "logged_at": "2025-11-05T12:00:00Z", "verified": true}') ->> 'user_total_lbs', '5.000000',
+    'a writer''s own bulk_sync.precounted does not keep its action from the totals');
+RESET ROLE;
+SELECT is(tests.totals(), ARRAY['16.700000', '16.700000', '16.700000'], 'the three totals moved by its 5 lbs');
 
 SELECT * FROM finish();
 ROLLBACK;
