@@ -19,10 +19,10 @@ AS $$
     -- invalid one is unpivoted into rows, with the values for DETAIL.
     SELECT u.field, u.reason, u.value
       FROM (SELECT CASE WHEN jsonb_typeof(p_doc) <> 'object' THEN 'must be a JSON object' END AS action,
-                   CASE WHEN jsonb_typeof(p_doc) = 'object'
-                         AND (p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata']) <> '{}'
+                   CASE WHEN x.unknown <> '{}'
                         THEN 'is not a known key (allowed: action_id, user_id, lbs, logged_at, verified, metadata)'
                    END AS keys,
+                   x.unknown,
                    bulk_sync._uuid_text_problem(coalesce(p_action_id, p_doc ->> 'action_id')) AS action_id,
                    bulk_sync._uuid_text_problem(coalesce(p_user_id, p_doc ->> 'user_id')) AS user_id,
                    bulk_sync._lbs_text_problem(coalesce(p_lbs, p_doc ->> 'lbs')) AS lbs,
@@ -35,20 +35,19 @@ AS $$
                         THEN CASE WHEN btrim(p_metadata) <> '' AND bulk_sync._json_object(p_metadata) IS NULL
                                   THEN 'must be a JSON object' END
                         WHEN jsonb_typeof(p_doc -> 'metadata') NOT IN ('object', 'null') THEN 'must be a JSON object'
-                   END AS metadata) AS r
+                   END AS metadata
+              -- The keys of an object that are not the action's. Only a CASE guards "-", which raises on
+              -- a scalar: planning a call with a constant p_doc folds every other expression over it.
+              FROM (SELECT CASE WHEN jsonb_typeof(p_doc) = 'object'
+                                THEN p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata']
+                           END AS unknown) AS x) AS r
      CROSS JOIN LATERAL unnest(
          ARRAY['action',
-               (SELECT string_agg(k, ', ' ORDER BY k)
-                  FROM jsonb_object_keys(CASE WHEN r.keys IS NOT NULL
-                                              THEN p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at',
-                                                                 'verified', 'metadata']
-                                              ELSE '{}' END) AS k),
+               (SELECT string_agg(k, ', ' ORDER BY k) FROM jsonb_object_keys(coalesce(r.unknown, '{}')) AS k),
                'action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata'],
          ARRAY[r.action, r.keys, r.action_id, r.user_id, r.lbs, r.logged_at, r.verified, r.metadata],
          ARRAY[left(p_doc::text, 200),
-               CASE WHEN r.keys IS NOT NULL
-                    THEN left((p_doc - ARRAY['action_id', 'user_id', 'lbs', 'logged_at', 'verified', 'metadata'])::text, 200)
-               END,
+               CASE WHEN r.keys IS NOT NULL THEN left(r.unknown::text, 200) END,
                coalesce(p_action_id, p_doc ->> 'action_id'),
                coalesce(p_user_id, p_doc ->> 'user_id'),
                coalesce(p_lbs, p_doc ->> 'lbs'),
