@@ -14,7 +14,7 @@ STABLE PARALLEL SAFE
 AS $$
     SELECT coalesce(p_action_id, p_doc ->> 'action_id')::uuid,
            coalesce(p_user_id, p_doc ->> 'user_id')::uuid,
-           coalesce(p_lbs, p_doc ->> 'lbs')::numeric(30,6),
+           bulk_sync._decimal_text(coalesce(p_lbs, p_doc ->> 'lbs'))::numeric(30,6),
            coalesce(p_logged_at, p_doc ->> 'logged_at')::timestamptz,
            CASE WHEN p_doc IS NULL THEN bulk_sync._flag(p_verified)
                 WHEN jsonb_typeof(p_doc -> 'verified') = 'boolean' THEN (p_doc -> 'verified')::boolean

@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(332);
+SELECT plan(344);
 
 \ir fixtures/common.sql
 
@@ -132,6 +132,10 @@ INSERT INTO tests.bad_inputs (case_name, sql, sqlstate, names) VALUES
 ('json: lbs 1e24',                     tests.log_sql('lbs', '"1e24"'),                   'BS001', 'lbs'),
 ('json: lbs 10^24 in digits',          tests.log_sql('lbs', '"1000000000000000000000000"'), 'BS001', 'lbs'),
 ('json: lbs 10^24 as a JSON number',   tests.log_sql('lbs', '1000000000000000000000000'), 'BS001', 'lbs'),
+-- longer than numeric's input reads (16383 decimals, 131072 digits)
+('json: lbs 10^140000 in digits',      tests.log_sql('lbs', to_jsonb('1' || repeat('0', 140000))), 'BS001', 'lbs'),
+('json: lbs a 7th decimal after 20000 zeros', tests.log_sql('lbs', to_jsonb('1.' || repeat('0', 20000) || '1')), 'BS001', 'lbs'),
+('json: lbs an exponent form of 2000 digits', tests.log_sql('lbs', to_jsonb('1' || repeat('0', 2000) || 'e-1990')), 'BS001', 'lbs'),
 -- verified, metadata, the request itself
 ('json: verified a string',            tests.log_sql('verified', '"true"'),              'BS001', 'verified'),
 ('json: verified a number',            tests.log_sql('verified', '1'),                   'BS001', 'verified'),
@@ -269,6 +273,22 @@ SELECT is((SELECT emissions_saved_lbs::text FROM bulk_sync.user_actions WHERE ac
     '999999999999999999999999.999999', 'and stored exactly, not through a float');
 SELECT lives_ok(tests.pos_sql($$'00000000-0000-4000-8000-0000000000f4', '00000000-0000-4000-8000-000000000006',
     999999999999999999999999.9999990, '2025-11-05T10:00:00Z'$$), 'positional: the largest amount with a trailing zero is accepted');
+SELECT lives_ok(format('SELECT bulk_sync.log_action(%L::jsonb)', jsonb_build_object(
+        'action_id', '00000000-0000-4000-8000-0000000000fa', 'user_id', '00000000-0000-4000-8000-000000000006',
+        'lbs', repeat('0', 5000) || '2.5' || repeat('0', 20000), 'logged_at', '2025-11-05T10:00:00Z')),
+    'lbs padded with more zeros than numeric reads is accepted');
+SELECT is((SELECT emissions_saved_lbs::text FROM bulk_sync.user_actions WHERE action_id = '00000000-0000-4000-8000-0000000000fa'),
+    '2.500000', 'and stored as 2.500000');
+SELECT is((SELECT jsonb_agg(r -> 'success' ORDER BY n)
+             FROM jsonb_array_elements(bulk_sync.log_actions(jsonb_build_object('actions', jsonb_build_array(
+                      jsonb_build_object('action_id', '00000000-0000-4000-8000-0000000000fb',
+                                         'user_id', '00000000-0000-4000-8000-000000000006',
+                                         'lbs', '1' || repeat('0', 140000), 'logged_at', '2025-11-05T10:00:00Z'),
+                      jsonb_build_object('action_id', '00000000-0000-4000-8000-0000000000fc',
+                                         'user_id', '00000000-0000-4000-8000-000000000006',
+                                         'lbs', '1.' || repeat('0', 20000), 'logged_at', '2025-11-05T10:00:00Z'))))
+                  -> 'results') WITH ORDINALITY AS e(r, n)),
+    '[false, true]', 'log_actions: an amount too long for numeric fails alone; a padded one is logged');
 SELECT lives_ok(tests.bulk_sql('lbs', '"0.000001"'), 'bulk: lbs 0.000001 is accepted');
 SELECT lives_ok($$SELECT bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000f8",
     "user_id": "00000000-0000-4000-8000-000000000006", "lbs": "-0", "logged_at": "2025-11-05T10:00:00Z"}')$$,
