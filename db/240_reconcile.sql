@@ -78,9 +78,11 @@ BEGIN
         END IF;
 
         IF v_drifted IS NOT NULL THEN
-            -- Lock the drifted users (user_id order, as writers do), then recompute them in a new
-            -- snapshot: a writer of one of them either committed before (and is seen) or waits.
-            PERFORM FROM bulk_sync.user_stats AS s WHERE s.user_id = ANY (v_drifted) ORDER BY s.user_id FOR UPDATE;
+            -- Take the drifted users as writers do (_lock_users: user_id order, a missing row created),
+            -- then recompute them in a new snapshot: a writer of one of them either committed before
+            -- (and is seen) or waits. Locking only the rows that exist would miss a writer creating a
+            -- missing one, whose totals the fix below would then overwrite.
+            PERFORM bulk_sync._lock_users(v_drifted);
 
             WITH truth AS (
                 SELECT u.user_id, coalesce(sum(a.emissions_saved_lbs), 0) AS total,

@@ -703,3 +703,44 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
     with connect(db_url) as conn:
         assert_exact_totals(conn, before + Decimal("8.000000"))
         assert owner not in per_user_stats(conn)
+
+
+def test_reconcile_waits_for_a_writer_recreating_a_missing_user_row(db_url: str) -> None:
+    """A user's row is gone (drift); while reconcile recreates it, a writer creates it too.
+    Reconcile must take the user as writers do, wait for that writer and count its action, not
+    overwrite it with the totals it saw before."""
+    user = new_id()
+    with connect(db_url) as conn:
+        log_action(conn, action(new_id(), user, "10", logged_at(0)))
+        conn.execute("DELETE FROM bulk_sync.user_stats WHERE user_id = %s", [user])
+    results: list[dict[str, Any]] = []
+    with connect(db_url, autocommit=False) as writer, connect(db_url) as watcher:
+        log_action(writer, action(new_id(), user, "7", logged_at(1)))  # uncommitted: holds the row
+        thread = threading.Thread(
+            target=lambda: results.append(reconcile(connect(db_url), {"performed_by": "race"}))
+        )
+        thread.start()
+        wait_for(
+            lambda: (
+                watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%%reconcile%%'"
+                ).fetchone()[0]
+                == 1
+            ),
+            30,
+            0.05,
+            "reconcile to wait for the writer",
+        )
+        writer.commit()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert results[0]["fixed"] is True
+    with connect(db_url) as conn:
+        stats = conn.execute(
+            "SELECT total_emissions_lbs::text, action_count FROM bulk_sync.user_stats"
+            " WHERE user_id = %s",
+            [user],
+        ).fetchone()
+        assert stats == ("17.000000", 2)
+        assert_exact_totals(conn, Decimal("17"))
