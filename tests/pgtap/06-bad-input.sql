@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(344);
+SELECT plan(350);
 
 \ir fixtures/common.sql
 
@@ -144,7 +144,10 @@ INSERT INTO tests.bad_inputs (case_name, sql, sqlstate, names) VALUES
 ('json: request an array',             $$SELECT bulk_sync.log_action('[]'::jsonb)$$,     'BS001', NULL),
 ('json: request SQL NULL',             $$SELECT bulk_sync.log_action(NULL::jsonb)$$,     'BS001', NULL),
 
+('json: logged_at before the year 1 in UTC', tests.log_sql('logged_at', '"0001-01-01T00:00:00+01:00"'), 'BS001', 'logged_at'),
+
 -- positional log_action
+('pos: logged_at BC',     tests.pos_sql($$'00000000-0000-4000-8000-0000000000f1', '00000000-0000-4000-8000-000000000005', 1, '0044-03-15 00:00:00+00 BC', true$$), 'BS001', 'logged_at'),
 ('pos: action_id NULL',  tests.pos_sql($$NULL, '00000000-0000-4000-8000-000000000005', 1, '2025-11-05T10:00:00Z', true$$), 'BS001', 'action_id'),
 ('pos: user_id NULL',    tests.pos_sql($$'00000000-0000-4000-8000-0000000000f1', NULL, 1, '2025-11-05T10:00:00Z', true$$), 'BS001', 'user_id'),
 ('pos: lbs NULL',        tests.pos_sql($$'00000000-0000-4000-8000-0000000000f1', '00000000-0000-4000-8000-000000000005', NULL, '2025-11-05T10:00:00Z', true$$), 'BS001', 'lbs'),
