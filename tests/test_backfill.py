@@ -10,7 +10,9 @@ cannot be swapped for a caller's own table.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import signal
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -324,6 +326,52 @@ def test_an_interrupted_load_completes_when_run_again(db_url: str, tmp_path: Pat
         assert_exact_totals(conn, expected)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default, whatever this run inherited (a background job ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_stops_a_load_between_chunks_and_a_rerun_completes_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    """SIGINT while chunks apply: no further chunk starts (those in flight may commit), the run
+    exits 130 saying how far it got, what committed is whole chunks with exact totals, and the
+    same command again finishes the load."""
+    users = [new_id() for _ in range(2000)]
+    rows = many_rows(users, 20)
+    expected = write_csv(tmp_path / "load.csv", rows)
+    args = ("backfill", str(tmp_path / "load.csv"), "--batch-size", "100")
+    # 400 chunks of 5 users, each its own commit: the interrupt lands while they apply.
+    proc = start_cli(db_url, *args, preexec_fn=_default_sigint)
+
+    def some_committed() -> int | None:
+        n = counts(db_url)[0]
+        return n if 0 < n < len(rows) else None
+
+    try:
+        wait_for(some_committed, timeout=120, what="some chunks to commit")
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=300)  # the run must end by itself
+    finally:
+        stop_process(proc, sig=signal.SIGKILL)
+    assert proc.returncode == 130, err
+    stored = counts(db_url)[0]
+    assert 0 < stored < len(rows)  # it stopped: it did not go on to apply the whole file
+    assert stored % 20 == 0  # whole users: 20 rows each
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bulk-sync: error: interrupted ("), lines[0]
+    assert "chunks committed; run the same command again" in lines[0], lines[0]
+    with connect(db_url) as conn:
+        assert_exact_totals(conn)
+
+    summary = load(db_url, tmp_path / "load.csv", batch_size=100)
+    assert (summary["inserted_count"], summary["skipped_count"]) == (len(rows) - stored, stored)
+    assert counts(db_url)[0] == len(rows)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, expected)
+
+
 @pytest.mark.parametrize(
     "ddl",
     [
@@ -533,3 +581,82 @@ def test_a_writer_role_loads_a_file_and_an_empty_file_loads_nothing(
                 return True
 
             wait_for(dropped, timeout=30, what="the writer's sessions to end")
+
+
+def test_a_json_parse_error_names_its_element_on_one_line(db_url: str, tmp_path: Path) -> None:
+    """Elements are numbered from 1, as in the bad-row lines: a parse error inside element 2 is
+    `element 2`, and the reason is one clean line whatever the bytes around it (no bytes repr of
+    the parser's excerpt), and nothing is applied."""
+    good = json.dumps(
+        {
+            "action_id": new_id(),
+            "user_id": new_id(),
+            "lbs": "1",
+            "logged_at": logged_at(0),
+            "verified": True,
+        }
+    )
+    cases = {
+        # Cut off inside element 2.
+        f'[{good}, {{"action_id": "y", "lbs": 1': "element 2",
+        # A bad escape in element 2 of the seed's object, after a run of two-byte characters: the
+        # parser's excerpt of the text then starts inside one of them, and comes back as bytes.
+        f'{{"actions": [{good}, {{"action_id": "{"é" * 15}\\q"}}]}}': "element 2",
+        f"[{good}, 42, nul]": "element 3",
+        f"[{good}] trailing": "after the array",
+    }
+    for number, (text, where) in enumerate(cases.items()):
+        path = tmp_path / f"broken-{number}.json"
+        path.write_text(text, encoding="utf-8")
+        error = load_error(db_url, path)
+        assert error.exit_code == 2
+        assert error.message.startswith(f"{where}: invalid JSON: "), (text, error.message)
+        reason = error.message.removeprefix(f"{where}: invalid JSON: ")
+        # The parser's reason alone: not its excerpt of the text, not a bytes repr.
+        assert reason[:1].isalpha(), error.message
+        for fragment in ("\n", "\\n", "\\x", "right here", "b'"):
+            assert fragment not in reason, error.message
+    assert counts(db_url) == (0, 0, 0)
+
+
+def blocks_of(data: bytes) -> tuple[list[bytes], backfill_module.Staged]:
+    staged = backfill_module.Staged(copy=backfill_module.COPY_NDJSON, first_line=1)
+    stream = io.BufferedReader(io.BytesIO(data), buffer_size=backfill_module.BLOCK)
+    return list(backfill_module._blocks(stream, staged)), staged
+
+
+def test_lines_longer_than_many_blocks_are_sent_whole_and_numbered() -> None:
+    """The file is sent in blocks of whole lines: a line several blocks long (a big metadata
+    object, say) is sent once and whole, blank lines are dropped but still counted, and a line
+    holding only `\\.` after long lines is refused by its own line number."""
+    block = backfill_module.BLOCK
+    lines = [
+        b"short 1",
+        b"a" * (5 * block + 17),  # longer than five blocks
+        b"",
+        b"short 4",
+        b"b" * (3 * block),  # exactly three blocks, then its newline
+        b" \t",
+        b"",
+        b"c" * (block - 1),  # its newline is the last byte of a block
+        b"d" * (2 * block + 1),
+        b"short 10",
+        b"e" * (4 * block + 3),  # the last line, with no newline
+    ]
+    data = b"\n".join(lines)
+    sent, staged = blocks_of(data)
+    assert all(piece and piece.endswith(b"\n") for piece in sent)
+    kept = [(number, line) for number, line in enumerate(lines, start=1) if line.strip(b" \t")]
+    assert b"".join(sent) == b"".join(line + b"\n" for _, line in kept)
+    # Each staged row maps back to its own line of the file, blank lines skipped.
+    assert [staged.line_of(row) for row in range(1, len(kept) + 1)] == [n for n, _ in kept]
+
+    # One long line and nothing else, with and without its newline.
+    assert blocks_of(b"f" * (7 * block + 5))[0] == [b"f" * (7 * block + 5) + b"\n"]
+    assert b"".join(blocks_of(b"g" * (7 * block) + b"\n")[0]) == b"g" * (7 * block) + b"\n"
+    assert blocks_of(b"")[0] == []
+
+    marker = b"\n".join([b"h" * (3 * block + 9), b"", b"i" * (2 * block), b"\\.", b"after"])
+    with pytest.raises(CliError) as caught:
+        blocks_of(marker)
+    assert caught.value.message == "line 4: a line holding only \\. is not allowed"

@@ -410,7 +410,7 @@ def test_backfill_chunks_by_user_and_replays_with_an_idempotency_key(
     first = out_json(cli(db_url, *args))
     # Chunks of whole users, about 2 rows each, in user_id order: 2 + 2 + 1.
     assert (first["rows"], first["batches"], first["inserted_count"]) == (5, 3, 5)
-    assert first["affected_users"] == 5
+    assert (first["affected_users"], first["replayed"]) == (5, 0)
     assert first["global_total_lbs"] == "5.000015"
     keys = [
         row[0]
@@ -420,9 +420,28 @@ def test_backfill_chunks_by_user_and_replays_with_an_idempotency_key(
     ]
     assert keys == ["load-1:1", "load-1:2", "load-1:3"]
 
+    # Each chunk replays its first response: the summary says so, and that this run inserted
+    # nothing, as a rerun without a key would (every row skipped).
     replay = out_json(cli(db_url, *args))
-    assert replay == first  # each chunk replays its first response
+    assert replay == {
+        "success": True,
+        "rows": 5,
+        "batches": 3,
+        "inserted_count": 0,
+        "skipped_count": 5,
+        "verified_count": 0,
+        "affected_users": 0,
+        "global_total_lbs": "5.000015",
+        "replayed": 3,
+    }
     assert global_total(db_url) == "5.000015"
+
+    # Chunks that replay and a chunk that applies again (its key gone): only the latter is
+    # counted as applied, and its rows, already stored, are skipped.
+    query(db_url, "DELETE FROM bulk_sync.idempotency_keys WHERE idempotency_key = 'load-1:3'")
+    mixed = out_json(cli(db_url, *args))
+    assert (mixed["replayed"], mixed["inserted_count"], mixed["skipped_count"]) == (2, 0, 5)
+    assert (mixed["affected_users"], mixed["global_total_lbs"]) == (0, "5.000015")
 
     # The same key for other rows is BS003, and changes nothing.
     other = tmp_path / "other.ndjson"
@@ -660,6 +679,28 @@ def test_leaderboard_json_and_table(seeded: str) -> None:
     assert cli(seeded, "leaderboard", "--user", "not-a-uuid").exit_code == 2
 
 
+def test_numbers_wider_than_the_sql_parameters_are_bad_usage(db_url: str) -> None:
+    """A number past the SQL parameter's type (int, bigint) is refused by the option itself, as
+    bad usage on one line: it never reaches PostgreSQL as a type no function takes (exit 3 with a
+    hint to run migrate)."""
+    cases = [
+        (("leaderboard", "--limit", "2147483648"), "--limit", "2147483647"),
+        (("leaderboard", "--limit", "0"), "--limit", "2147483647"),
+        (("listen", "--after", "99999999999999999999"), "--after", "9223372036854775807"),
+        (("listen", "--after", "9223372036854775808"), "--after", "9223372036854775807"),
+        (("worker", "--once", "--reconcile-every", "99999999999999999999"), "--reconcile-every"),
+    ]
+    for args, *fragments in cases:
+        line = assert_error(cli(db_url, *args), 2, *fragments)
+        assert "migrate" not in line
+    assert query(db_url, "SELECT count(*) FROM bulk_sync.reconciliation_runs") == [(0,)]
+
+    # The widest int the option takes reaches the SQL, whose own rule answers (BS001).
+    widest = cli(db_url, "leaderboard", "--limit", "2147483647")
+    line = assert_error(widest, 2, "p_limit")
+    assert "migrate" not in line
+
+
 # --------------------------------------------------------------------------- status, schedule
 
 
@@ -751,6 +792,32 @@ def test_worker_once_publishes_reconciles_and_prunes(db_url: str) -> None:
     assert "reconciled" not in [event["event"] for event in worker_log(second)]
     runs = query(db_url, "SELECT count(*) FROM bulk_sync.reconciliation_runs")[0][0]
     assert runs == 1
+
+
+def test_dry_runs_do_not_postpone_the_workers_reconcile(db_url: str) -> None:
+    """A dry run fixes nothing: however recent, it must not count as the worker's last run."""
+    user = new_id()
+    out_json(cli(db_url, *log_args(new_id(), user, "2.5")))
+    query(db_url, "UPDATE bulk_sync.global_emissions SET total_lbs_saved = 100 WHERE id = 1")
+    # Monitoring checks more often than --reconcile-every: each dry run reports the drift.
+    for _ in range(2):
+        assert cli(db_url, "reconcile", "--dry-run").exit_code == 1
+
+    result = cli(db_url, "worker", "--once", "--reconcile-every", "1h")
+    assert result.exit_code == 0, result.stderr
+    reconciled = [event for event in worker_log(result) if event["event"] == "reconciled"]
+    assert len(reconciled) == 1, worker_log(result)
+    assert (reconciled[0]["in_sync"], reconciled[0]["fixed"]) == (False, True)
+    assert global_total(db_url) == "2.500000"
+    runs = query(
+        db_url,
+        "SELECT performed_by, auto_correct FROM bulk_sync.reconciliation_runs ORDER BY started_at",
+    )
+    assert runs[-1] == ("worker", True)
+
+    # A run that could correct does postpone it: the worker's own, a moment ago.
+    again = cli(db_url, "worker", "--once", "--reconcile-every", "1h")
+    assert "reconciled" not in [event["event"] for event in worker_log(again)]
 
 
 def test_worker_waits_as_standby_while_another_holds_the_lock(db_url: str) -> None:

@@ -47,6 +47,7 @@ FORMATS = ("csv", "ndjson", "json")
 DEFAULT_BATCH_SIZE = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_PROBLEMS = 100
+EXIT_INTERRUPTED = 130  # as the CLI exits on Ctrl-C (128 + SIGINT)
 BLOCK = 1 << 16  # psycopg queues up to 1,024 blocks for COPY: at most 64 MiB in flight
 DEFAULT_JOBS = 2
 MAX_JOBS = 8
@@ -159,19 +160,24 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
 
     A line holding only ``\\.`` would end a COPY early and silently, so it is refused.
     """
-    rest = b""
+    # The start of a line not ended yet, block by block: it is joined once, when its end comes,
+    # so a line longer than many blocks costs no more than its length.
+    pending: list[bytes] = []
     rows = 0  # lines sent so far
     blanks = 0
     while True:
         block = stream.read(BLOCK)
-        data = rest + block
         if block:
-            cut = data.rfind(b"\n") + 1  # whole lines only; the rest waits for the next block
-            data, rest = data[:cut], data[cut:]
-        elif not data:
+            cut = block.rfind(b"\n") + 1  # whole lines only; the rest waits for a later block
+            if not cut:
+                pending.append(block)
+                continue
+            data = b"".join([*pending, block[:cut]]) if pending else block[:cut]
+            pending = [block[cut:]] if cut < len(block) else []
+        elif not pending:
             return
         else:
-            data, rest = data + b"\n", b""
+            data, pending = b"".join([*pending, b"\n"]), []
         if not _ANY_BLANK_LINE.search(b"\n" + data):
             _refuse_end_marker(data, staged, rows)
             rows += data.count(b"\n")
@@ -279,18 +285,20 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
         container, target = "actions", "actions.item"
     else:
         raise InputError('element 1: expected a JSON array or an object with an "actions" array')
-    ordinal = 0
-    found = False
+    ordinal = 0  # elements begun so far: the one being read is element ``ordinal``
+    inside = False  # within element ``ordinal``, not between two elements
+    found = closed = False
     events = ijson.parse(stream, use_float=False)
     try:
         for prefix, event, value in events:
-            if prefix == container and event == "start_array":
-                found = True
+            if prefix == container and event in ("start_array", "end_array"):
+                found, closed = True, event == "end_array"
             if prefix != target or event in ("end_map", "end_array"):
                 continue
             ordinal += 1
             element = value
             if event in ("start_map", "start_array"):
+                inside = True
                 builder = ijson.ObjectBuilder()
                 builder.event(event, value)
                 end = "end_map" if event == "start_map" else "end_array"
@@ -299,15 +307,35 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
                     if inner_prefix == target and inner_event == end:
                         break
                 element = builder.value
+                inside = False
             # Any element is staged; the SQL rules say what is wrong with one that is not an object.
             yield ordinal, dumps(element)
     except ijson.JSONError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed"
-        raise InputError(f"element {ordinal + 1}: invalid JSON: {reason}") from exc
+        where = _json_where(ordinal, inside, closed)
+        raise InputError(f"{where}: invalid JSON: {_json_reason(exc)}") from exc
     except UnicodeDecodeError as exc:
-        raise InputError(f"element {ordinal + 1}: invalid UTF-8: {exc.reason}") from exc
+        where = _json_where(ordinal, inside, closed)
+        raise InputError(f"{where}: invalid UTF-8: {exc.reason}") from exc
     if not found:
         raise InputError('the JSON object has no "actions" array')
+
+
+def _json_where(ordinal: int, inside: bool, closed: bool) -> str:
+    """Where a parse error is: in the element being read, else where the next one would start."""
+    if closed:
+        return "after the array"
+    return f"element {ordinal if inside else ordinal + 1}"
+
+
+def _json_reason(exc: Exception) -> str:
+    """The parser's reason, on one line: without the excerpt of the text it quotes below it, and
+    without the bytes repr (``b'lexical error: ...\\n...'``) it gives when that excerpt is not
+    valid UTF-8."""
+    raw = exc.args[0] if exc.args else ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    lines = text.strip().splitlines()
+    reason = lines[0].strip().rstrip(".") if lines else ""
+    return reason or "malformed"
 
 
 STAGERS: dict[str, Callable[[io.BufferedReader], Staged]] = {
@@ -409,6 +437,9 @@ def _part_of(parts: list[Staged], row: int) -> tuple[Staged, int]:
 
 @dataclass
 class Summary:
+    """The run's totals, chunk by chunk. A chunk replayed under ``--idempotency-key`` changed
+    nothing in this run: its rows count as skipped, and ``replayed`` counts it."""
+
     rows: int = 0
     chunks: int = 0
     inserted_count: int = 0
@@ -416,16 +447,25 @@ class Summary:
     verified_count: int = 0
     affected_users: int = 0
     global_total_lbs: str | None = None
+    replayed: int | None = None  # chunks replayed; reported only with an idempotency key
 
     def add(self, result: dict[str, Any]) -> None:
         self.chunks += 1
-        self.inserted_count += int(result.get("inserted_count") or 0)
-        self.skipped_count += int(result.get("skipped_count") or 0)
-        self.verified_count += int(result.get("verified_count") or 0)
+        keys = ("inserted_count", "skipped_count", "verified_count")
+        counts = [int(result.get(key) or 0) for key in keys]
+        if result.get("replayed"):
+            # The first run's response, replayed: this run inserted and verified none of its rows.
+            self.replayed = (self.replayed or 0) + 1
+            self.skipped_count += sum(counts)
+            return
+        inserted, skipped, verified = counts
+        self.inserted_count += inserted
+        self.skipped_count += skipped
+        self.verified_count += verified
         self.affected_users += int(result.get("affected_users") or 0)
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        summary = {
             "success": True,
             "rows": self.rows,
             "batches": self.chunks,
@@ -435,6 +475,9 @@ class Summary:
             "affected_users": self.affected_users,
             "global_total_lbs": self.global_total_lbs,
         }
+        if self.replayed is not None:
+            summary["replayed"] = self.replayed
+        return summary
 
 
 class _Progress:
@@ -573,16 +616,18 @@ def _apply_chunks(
     bar: _Progress,
 ) -> None:
     """Apply the chunks, each in its own transaction, on every session at once (chunks share no
-    user, so they never wait for each other). After a failure no further chunk starts."""
+    user, so they never wait for each other). After a failure, or an interrupt (Ctrl-C), no
+    further chunk starts; the chunks in flight end as they would (they may commit)."""
     lock = threading.Lock()
     pending = iter(enumerate(chunks, start=1))
     committed: list[int] = []
     failed: list[tuple[int, psycopg.Error]] = []
+    stopped = threading.Event()
 
     def work(session: psycopg.Connection) -> None:
         while True:
             with lock:
-                taken = None if failed else next(pending, None)
+                taken = None if failed or stopped.is_set() else next(pending, None)
             if taken is None:
                 return
             number, (low, below) = taken
@@ -600,9 +645,22 @@ def _apply_chunks(
                 committed.append(number)
             bar.update(1)
 
-    with ThreadPoolExecutor(len(sessions)) as pool:
+    pool = ThreadPoolExecutor(len(sessions))
+    try:
         for future in [pool.submit(work, session) for session in sessions]:
             future.result()
+    except KeyboardInterrupt as exc:
+        # SIGINT reaches this thread only: the workers stop at their next chunk, and the load
+        # ends once they have (the sessions are theirs until then).
+        stopped.set()
+        pool.shutdown(wait=True)
+        done = f"{len(committed)} of {len(chunks)} chunks committed"
+        raise CliError(
+            f"interrupted ({done}; run the same command again to finish the load)", EXIT_INTERRUPTED
+        ) from exc
+    finally:
+        stopped.set()
+        pool.shutdown(wait=True)
     if failed:
         number, exc = min(failed, key=lambda failure: failure[0])
         raise _chunk_error(exc, number, len(chunks), len(committed))
@@ -628,7 +686,7 @@ def backfill(
     buffered = io.BufferedReader(counter, buffer_size=1 << 16)
     fmt = format_for(name, fmt, buffered.peek(64))
     parts = _parts(stream, fmt, jobs) or [(STAGERS[fmt](buffered), counter)]
-    summary = Summary()
+    summary = Summary(replayed=0 if idempotency_key else None)
     bar = _Progress(progress)
     with connect(database_url) as conn:
         load = conn.execute(OPEN_STAGE, (None,)).fetchone()[0]

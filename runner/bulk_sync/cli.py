@@ -35,6 +35,10 @@ from bulk_sync.migrate import migrate as run_migrate
 
 CRON_JOB = "bulk-sync-reconcile"
 CRON_COMMAND = "SELECT bulk_sync.reconcile()"
+# The largest values the SQL parameters take: an option bounded by them is refused by click (exit 2)
+# instead of reaching PostgreSQL as a wider type that no function accepts.
+INT4_MAX = 2**31 - 1  # int: p_limit and the like
+INT8_MAX = 2**63 - 1  # bigint: event ids
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -61,12 +65,34 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException | None
     ctx.exit(code)
 
 
+def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
+    """Bad usage, as one line (exit 2); ``bulk-sync`` alone still shows the help."""
+    if isinstance(exc, _NO_ARGS_IS_HELP):
+        raise exc
+    where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+    _fail(ctx, f"{exc.format_message()} (see '{where} --help')", exc.exit_code, None)
+
+
+# click >= 8.2 shows the help for a bare group by raising this usage error.
+_NO_ARGS_IS_HELP: type[BaseException] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (BaseException,), {})
+)
+
+
 class BulkSyncGroup(click.Group):
     """Turns every error into one line on stderr and the contract's exit code."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _usage_error(ctx, exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a subcommand's options or arguments
+            _usage_error(ctx, exc)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except CliError as exc:
@@ -105,15 +131,24 @@ def _iso_utc(value: datetime | None) -> str | None:
 
 
 class Duration(click.ParamType):
+    """``30s``, ``15m``, ``1h``, ``2h30m``: seconds, up to ``maximum`` (an int, as SQL takes)."""
+
     name = "duration"
+
+    def __init__(self, maximum: int = INT4_MAX) -> None:
+        self.maximum = maximum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
-            return value
-        try:
-            return events.parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+            seconds = value
+        else:
+            try:
+                seconds = events.parse_duration(str(value))
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        if seconds > self.maximum:
+            self.fail(f"{value!r} is longer than the maximum of {self.maximum}s", param, ctx)
+        return seconds
 
 
 # --------------------------------------------------------------------------- the group
@@ -331,7 +366,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 @main.command()
-@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--limit", type=click.IntRange(1, INT4_MAX), default=10, show_default=True)
 @click.option("--user", type=click.UUID, help="Show this user's neighbourhood (2 above/below).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
@@ -347,7 +382,7 @@ def leaderboard(ctx: click.Context, limit: int, user: Any, as_json: bool) -> Non
 @main.command()
 @click.option(
     "--after",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, INT8_MAX),
     default=0,
     show_default=True,
     metavar="EVENT_ID",

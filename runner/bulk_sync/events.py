@@ -334,11 +334,14 @@ class Worker:
     # -- the three duties
 
     def _schedule_reconcile(self) -> None:
+        """Due ``--reconcile-every`` after the last run that could correct: a dry run (``reconcile
+        --dry-run``, auto_correct false) fixes nothing, so however often one runs, it must not
+        postpone the worker's own run."""
         assert self.conn is not None
         seconds = self.conn.execute(
             "SELECT coalesce(ceil(extract(epoch FROM"
             " max(started_at) + make_interval(secs => %s) - clock_timestamp())), 0)::bigint"
-            " FROM bulk_sync.reconciliation_runs",
+            " FROM bulk_sync.reconciliation_runs WHERE auto_correct",
             (self.reconcile_every_s,),
         ).fetchone()[0]
         self._reconcile_due = time.monotonic() + max(0, int(seconds))
