@@ -23,15 +23,17 @@ BEGIN
             USING ERRCODE = 'BS001', DETAIL = format('p_first_line: %s, p_max_problems: %s', p_first_line, p_max_problems);
     END IF;
 
-    -- 1. Every rule of _action_problems on every row: the first p_max_problems (line, field, reason).
+    -- 1. Every rule of _action_problems on every row: each (line, field, reason) of the first
+    -- p_max_problems bad rows.
     SELECT coalesce(jsonb_agg(p ORDER BY p.line, p.field), '[]') INTO v_invalid
-      FROM (SELECT s.line + p_first_line - 1 AS line, 'BS001' AS code, r.field, r.reason, r.value,
-                   coalesce(s.action_id, CASE WHEN jsonb_typeof(s.doc) = 'object' THEN s.doc ->> 'action_id' END) AS action_id
-              FROM pg_temp.bulk_sync_stage AS s
-             CROSS JOIN LATERAL bulk_sync._action_problems(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
-                                                           s.verified, s.metadata) AS r
-             ORDER BY s.line, r.field
-             LIMIT p_max_problems) AS p;
+      FROM (SELECT q.line, q.code, q.field, q.reason, q.value, q.action_id
+              FROM (SELECT s.line + p_first_line - 1 AS line, 'BS001' AS code, r.field, r.reason, r.value,
+                           coalesce(s.action_id, CASE WHEN jsonb_typeof(s.doc) = 'object' THEN s.doc ->> 'action_id' END) AS action_id,
+                           dense_rank() OVER (ORDER BY s.line) AS nth
+                      FROM pg_temp.bulk_sync_stage AS s
+                     CROSS JOIN LATERAL bulk_sync._action_problems(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
+                                                                   s.verified, s.metadata) AS r) AS q
+             WHERE q.nth <= p_max_problems) AS p;
 
     -- 2. The valid rows, typed (a blank line, all NULL, is no row), each marked known when its action_id
     -- is stored, pending when it is stored unverified, and conflicting when the stored facts differ: one
@@ -62,4 +64,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync._stage_check(uuid, bigint, integer) IS
-    'Internal to bulk loads: checks every row of pg_temp.bulk_sync_stage against the BS001 rules and adds the valid ones to load p_load, their lines numbered from p_first_line. Returns {"rows": valid rows added, "problems": [{line, code, field, reason, value, action_id}], the first p_max_problems}.';
+    'Internal to bulk loads: checks every row of pg_temp.bulk_sync_stage against the BS001 rules and adds the valid ones to load p_load, their lines numbered from p_first_line. Returns {"rows": valid rows added, "problems": [{line, code, field, reason, value, action_id}] of the first p_max_problems bad rows}.';

@@ -26,7 +26,8 @@ BEGIN
     SELECT count(*) INTO v_rows FROM bulk_sync._load_rows AS l WHERE l.load = p_load;
 
     -- BS002: an action_id seen twice with other facts (against its first row), or other facts than stored.
-    -- Then the problems the parts' checks found (p_problems, BS001) and these, in line order.
+    -- Then the problems the parts' checks found (p_problems, BS001) and these, in line order: every problem
+    -- of the first p_max_problems bad rows.
     SELECT array_agg(r.action_id) INTO v_repeated
       FROM (SELECT l.action_id FROM bulk_sync._load_rows AS l WHERE l.load = p_load GROUP BY l.action_id HAVING count(*) > 1) AS r;
     WITH versions AS (
@@ -57,14 +58,15 @@ BEGIN
          WHERE l.load = p_load AND l.conflicts  -- found by _stage_check's probe; read again to show both versions
     )
     SELECT coalesce(jsonb_agg(p ORDER BY p.line, p.code, p.field), '[]') INTO v_problems
-      FROM (SELECT * FROM (SELECT (e ->> 'line')::bigint AS line, e ->> 'code' AS code, e ->> 'field' AS field,
-                                  e ->> 'reason' AS reason, e ->> 'value' AS value, e ->> 'action_id' AS action_id,
-                                  NULL::bigint AS first_line
-                             FROM jsonb_array_elements(p_problems) AS e
-                           UNION ALL
-                           SELECT * FROM conflicts) AS x
-             ORDER BY x.line, x.code, x.field
-             LIMIT p_max_problems) AS p;
+      FROM (SELECT x.line, x.code, x.field, x.reason, x.value, x.action_id, x.first_line
+              FROM (SELECT y.*, dense_rank() OVER (ORDER BY y.line) AS nth
+                      FROM (SELECT (e ->> 'line')::bigint AS line, e ->> 'code' AS code, e ->> 'field' AS field,
+                                   e ->> 'reason' AS reason, e ->> 'value' AS value, e ->> 'action_id' AS action_id,
+                                   NULL::bigint AS first_line
+                              FROM jsonb_array_elements(p_problems) AS e
+                            UNION ALL
+                            SELECT * FROM conflicts) AS y) AS x
+             WHERE x.nth <= p_max_problems) AS p;
 
     IF v_problems <> '[]' THEN
         RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', '[]'::jsonb,

@@ -126,8 +126,16 @@ def test_every_bad_row_is_reported_up_to_100(db_url: str, tmp_path: Path) -> Non
     lines = [int(d.split()[1]) for d in error.details]
     assert lines == list(range(2, 202, 2))  # in file order: the first 100 bad rows
     assert all("lbs has more than six decimal places" in d for d in error.details)
-    assert "(the first 100 problems)" in error.message
+    assert "100 bad rows (the first 100)" in error.message
     assert counts(db_url) == (0, 0, 0)
+
+    # Rows with two bad fields each: every problem of the first 100 bad rows, not 100 problems.
+    twice = [(r[0], r[1], "1.0000001", "yesterday", r[4]) for r in rows[:150]]
+    write_csv(tmp_path / "twice.csv", twice)
+    error = load_error(db_url, tmp_path / "twice.csv")
+    lines = [int(d.split()[1]) for d in error.details]
+    assert lines == [line for line in range(2, 102) for _ in range(2)]
+    assert "100 bad rows (the first 100)" in error.message
 
     # With the decimals fixed, the duplicate action_id is what is left, named against its first row.
     fixed = [(r[0], r[1], "1", r[3], r[4]) for r in rows[:-1]] + [rows[-1]]

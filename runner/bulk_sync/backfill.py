@@ -600,11 +600,12 @@ def _check_parts(
             for session, (part, _) in zip(sessions, parts, strict=True)
         ]
         results = [future.result() for future in checking]
-    problems = sorted(
+    # Each part's problems are those of its first MAX_PROBLEMS bad rows; _stage_load keeps the
+    # first MAX_PROBLEMS bad rows of them all.
+    return sorted(
         (problem for result in results for problem in result["problems"]),
         key=lambda problem: (int(problem["line"]), problem["field"]),
     )
-    return problems[:MAX_PROBLEMS]
 
 
 def _apply_chunks(
@@ -706,7 +707,7 @@ def backfill(
             problems = checked["problems"]
             if problems:
                 rows = len({problem["line"] for problem in problems})
-                more = " (the first 100 problems)" if len(problems) >= MAX_PROBLEMS else ""
+                more = f" (the first {MAX_PROBLEMS})" if rows >= MAX_PROBLEMS else ""
                 raise InputError(
                     f"{name}: {rows} bad row{'s' if rows != 1 else ''}{more} listed above; "
                     "nothing was applied",
