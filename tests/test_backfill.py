@@ -627,6 +627,34 @@ def test_a_json_parse_error_names_its_element_on_one_line(db_url: str, tmp_path:
     assert counts(db_url) == (0, 0, 0)
 
 
+def test_a_lone_surrogate_escape_in_a_json_array_is_refused_not_altered(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The JSON parser would read "\\ud800" as "?": the file is refused, as PostgreSQL refuses the
+    same action as NDJSON, and nothing is applied. A whole pair (an emoji) is stored as it is."""
+
+    def doc(metadata: str) -> str:
+        return (
+            f'{{"action_id": "{new_id()}", "user_id": "{new_id()}", "lbs": "1",'
+            f' "logged_at": "{logged_at(0)}", "verified": true, "metadata": {{"a": "{metadata}"}}}}'
+        )
+
+    for lone in ("\\ud800", "\\udc00", "\\\\\\ud83d"):
+        path = tmp_path / "lone.json"
+        path.write_text(f"[{doc('x')}, {doc(lone)}]", encoding="ascii")
+        error = load_error(db_url, path)
+        assert error.exit_code == 2
+        assert "surrogate" in error.message, error.message
+        assert counts(db_url) == (0, 0, 0)
+    path = tmp_path / "pair.json"
+    pair = doc("\\ud83d\\ude00 \\\\ud800")  # an emoji, then a backslash and "ud800"
+    path.write_text(f"[{pair}]", encoding="ascii")
+    assert load(db_url, path)["inserted_count"] == 1
+    with connect(db_url) as conn:
+        stored = conn.execute("SELECT metadata ->> 'a' FROM bulk_sync.user_actions").fetchone()
+    assert stored == ("\U0001f600 \\ud800",)
+
+
 def blocks_of(data: bytes) -> tuple[list[bytes], backfill_module.Staged]:
     staged = backfill_module.Staged(copy=backfill_module.COPY_NDJSON, first_line=1)
     stream = io.BufferedReader(io.BytesIO(data), buffer_size=backfill_module.BLOCK)

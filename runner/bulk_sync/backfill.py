@@ -277,6 +277,40 @@ def stage_json(stream: io.BufferedReader) -> Staged:
     return Staged(copy=COPY_JSON, rows=_json_elements(stream), label="element")
 
 
+# A \uD800-\uDFFF escape that is not half of a pair, after an even run of backslashes (an odd one
+# would make it text). The JSON parser turns such an escape into "?", which would store other
+# text than the file's; PostgreSQL refuses it in jsonb, as it does for NDJSON.
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(?:" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")"
+)
+
+
+class _SurrogateCheck:
+    """A stream read through, refusing a lone surrogate escape (see ``_LONE_SURROGATE``)."""
+
+    OVERLAP = 64  # bytes of the previous read scanned again: an escape cut in two is still seen
+
+    def __init__(self, stream: io.BufferedReader) -> None:
+        self.stream = stream
+        self.tail = b""
+        self.offset = 0  # of ``tail`` in the stream
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        scanned = self.tail + data
+        found = _LONE_SURROGATE.search(scanned) if rb"\u" in scanned else None
+        if found:
+            escape = "\\" + found.group().lstrip(b"\\").decode()
+            raise InputError(
+                f"byte {self.offset + found.start()}: invalid JSON: {escape} is half of a UTF-16"
+                " surrogate pair, with no other half"
+            )
+        self.tail = scanned[-self.OVERLAP :]
+        self.offset += len(scanned) - len(self.tail)
+        return data
+
+
 def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
     first = stream.peek(64).lstrip(b" \t\r\n")[:1]
     if first == b"[":
@@ -288,7 +322,7 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
     ordinal = 0  # elements begun so far: the one being read is element ``ordinal``
     inside = False  # within element ``ordinal``, not between two elements
     found = closed = False
-    events = ijson.parse(stream, use_float=False)
+    events = ijson.parse(_SurrogateCheck(stream), use_float=False)
     try:
         for prefix, event, value in events:
             if prefix == container and event in ("start_array", "end_array"):
