@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import signal
+import subprocess
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,8 @@ from bulk_sync.errors import CliError
 from helpers import (
     amount,
     assert_exact_totals,
+    cli_command,
+    cli_env,
     connect,
     log_action,
     logged_at,
@@ -191,6 +194,45 @@ def test_a_file_checked_in_parts_names_the_same_lines(
     lines = [int(detail.split()[1]) for detail in three.details]
     assert lines == [5 + header, 452 + header, 592 + header]
     assert f"same action_id, line {11 + header} [" in three.details[2]
+    assert counts(db_url) == (0, 0, 0)
+
+
+@pytest.mark.usefixtures("split_small_files")
+def test_bad_rows_are_named_by_file_line_after_fields_quoted_across_lines(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Every third row's metadata spans two lines: the bad rows after them are named by the line
+    they start on in the file, the same with one session or three (and from a pipe, which cannot
+    be read twice, by records)."""
+    users = [new_id() for _ in range(20)]
+    rows = many_rows(users, 10)  # 200 rows
+    bad = {4, 119, 190}
+    expected, records, line = [], [], 2  # the header is line 1
+    path = tmp_path / "quoted.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["action_id", "user_id", "lbs", "logged_at", "verified", "metadata"])
+        for i, (action_id, user, lbs, at, verified) in enumerate(rows):
+            metadata = '{"note":\n"two lines"}' if i % 3 == 0 else "{}"
+            writer.writerow([action_id, user, "-1" if i in bad else lbs, at, verified, metadata])
+            if i in bad:
+                expected.append(line)
+                records.append(i + 2)
+            line += 1 + metadata.count("\n")
+    assert expected != records
+    for jobs in (1, 3):
+        error = load_error(db_url, path, jobs=jobs)
+        assert [int(detail.split()[1]) for detail in error.details] == expected, jobs
+    result = subprocess.run(
+        cli_command(db_url, "backfill", "--format", "csv", "-"),
+        input=path.read_bytes(),
+        capture_output=True,
+        env=cli_env(),
+        check=False,
+    )
+    assert result.returncode == 2
+    named = [int(line.split()[2]) for line in result.stderr.decode().splitlines()[:-1]]
+    assert named == records
     assert counts(db_url) == (0, 0, 0)
 
 

@@ -139,9 +139,17 @@ class Staged:
     first_row: int = 1  # the load's number of the first staged row (parts after the first: later)
     # Blank lines are not sent: (rows staged before a run of them, blank lines so far), in order.
     blanks: list[tuple[int, int]] = field(default_factory=list)
+    # A CSV row's field may be quoted across lines, which only a CSV reader sees: for a regular
+    # file, rows are numbered by line when a problem is shown (see ``look_up_lines``).
+    csv: bool = False
+    # (file descriptor, first byte, end, the file line of that byte) of the part
+    source: tuple[int, int, int, int] | None = None
+    lines: dict[int, int] = field(default_factory=dict)  # row -> file line, once looked up
 
     def line_of(self, row: int) -> int:
         """The file line (or element) of the ``row``-th staged row (1-based)."""
+        if row in self.lines:
+            return self.lines[row]
         skipped = 0
         for before, total in self.blanks:
             if before >= row:
@@ -151,6 +159,7 @@ class Staged:
 
 
 _BLANK_LINES = re.compile(rb"(?:^|(?<=\n))[ \t\r]*\n")
+_BLANK_LINE = re.compile(rb"[ \t\r]*\n?")
 _COPY_LINE = re.compile(r"^COPY [^,]+, line (\d+)", re.MULTILINE)
 _ANY_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # a quick test: most blocks have none
 
@@ -237,7 +246,7 @@ def stage_csv(stream: io.BufferedReader) -> Staged:
     copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
         STAGE, sql.SQL(", ").join(map(sql.Identifier, names))
     )
-    staged = Staged(copy=copy, first_line=line + 1)
+    staged = Staged(copy=copy, first_line=line + 1, csv=True)
     staged.blocks = _blocks(stream, staged)
     return staged
 
@@ -452,12 +461,52 @@ def _parts(stream: IO[bytes], fmt: str, jobs: int) -> list[tuple[Staged, _Counti
         buffered = io.BufferedReader(counter, buffer_size=BLOCK)
         if not parts:
             first = STAGERS[fmt](buffered)
+            first.source = (fd, start, end, 1)
             parts.append((first, counter))
             continue
-        staged = Staged(copy=first.copy, first_line=1 + _count(fd, 0, start, b"\n"))
+        line = 1 + _count(fd, 0, start, b"\n")
+        staged = Staged(first.copy, first_line=line, csv=first.csv, source=(fd, start, end, line))
         staged.blocks = _blocks(buffered, staged)
         parts.append((staged, counter))
     return parts
+
+
+def look_up_lines(staged: Staged, rows: set[int]) -> None:
+    """Number ``rows`` of a CSV part by the file's lines: its rows are read again from the file
+    with a CSV reader, as COPY read them, so that a field quoted across lines moves the numbers
+    of the rows after it. Only for a regular file; other rows keep ``line_of``'s count."""
+    if not staged.csv or staged.source is None:
+        return
+    fd, start, end, start_line = staged.source
+    wanted = rows - staged.lines.keys()
+    lines = iter(io.BufferedReader(_RangeRaw(fd, start, end), buffer_size=BLOCK))
+    for _ in range(staged.first_line - start_line):  # the first part's header (and lines before)
+        next(lines, None)
+    read = [0, b""]  # lines read since the first row, the last of them
+
+    def texts() -> Iterator[str]:
+        for raw in lines:
+            read[0], read[1] = read[0] + 1, raw
+            yield raw.decode("utf-8", "replace")
+
+    records = csv.reader(texts())
+    row = 0
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        while wanted:
+            before = read[0]
+            if next(records, None) is None:
+                return
+            if read[0] - before == 1 and _BLANK_LINE.fullmatch(read[1]):
+                continue  # a blank line is no row (see _blocks)
+            row += 1
+            if row in wanted:
+                staged.lines[row] = staged.first_line + before
+                wanted.discard(row)
+    except csv.Error:  # not CSV as Python reads it: the rest keep line_of's count
+        return
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _part_of(parts: list[Staged], row: int) -> tuple[Staged, int]:
@@ -721,6 +770,9 @@ def backfill(
     buffered = io.BufferedReader(counter, buffer_size=1 << 16)
     fmt = format_for(name, fmt, buffered.peek(64))
     parts = _parts(stream, fmt, jobs) or [(STAGERS[fmt](buffered), counter)]
+    size = _stream_size(stream)
+    if len(parts) == 1 and size is not None:
+        parts[0][0].source = (stream.fileno(), 0, size, 1)
     summary = Summary(replayed=0 if idempotency_key else None)
     bar = _Progress(progress)
     with connect(database_url) as conn:
@@ -740,12 +792,21 @@ def backfill(
             summary.rows = int(checked["rows"])
             problems = checked["problems"]
             if problems:
+                staged = [part for part, _ in parts]
+                wanted: dict[int, set[int]] = {}
+                for problem in problems:
+                    for row in (problem["line"], problem.get("first_line")):
+                        if row is not None:
+                            part, number = _part_of(staged, int(row))
+                            wanted.setdefault(id(part), set()).add(number)
+                for part in staged:
+                    look_up_lines(part, wanted.get(id(part), set()))
                 rows = len({problem["line"] for problem in problems})
                 more = f" (the first {MAX_PROBLEMS})" if rows >= MAX_PROBLEMS else ""
                 raise InputError(
                     f"{name}: {rows} bad row{'s' if rows != 1 else ''}{more} listed above; "
                     "nothing was applied",
-                    [_problem_line(problem, [part for part, _ in parts]) for problem in problems],
+                    [_problem_line(problem, staged) for problem in problems],
                 )
             bounds = checked["chunks"]
             chunks = list(zip(bounds, [*bounds[1:], None], strict=True)) if bounds else []
