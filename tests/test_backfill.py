@@ -132,6 +132,17 @@ def test_every_bad_row_is_reported_up_to_100(db_url: str, tmp_path: Path) -> Non
     assert "100 bad rows (the first 100)" in error.message
     assert counts(db_url) == (0, 0, 0)
 
+    # A value holding a line break is shown on its problem's one line.
+    with (tmp_path / "broken.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [
+                ["action_id", "user_id", "lbs", "logged_at", "verified"],
+                [new_id(), user, "1\n2", logged_at(0), "true"],
+            ]
+        )
+    (detail,) = load_error(db_url, tmp_path / "broken.csv").details
+    assert detail.endswith("[lbs: 1\\n2]"), detail
+
     # Rows with two bad fields each: every problem of the first 100 bad rows, not 100 problems.
     twice = [(r[0], r[1], "1.0000001", "yesterday", r[4]) for r in rows[:150]]
     write_csv(tmp_path / "twice.csv", twice)

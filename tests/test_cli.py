@@ -447,7 +447,9 @@ def test_backfill_chunks_by_user_and_replays_with_an_idempotency_key(
     other = tmp_path / "other.ndjson"
     other.write_text(json.dumps(action(new_id(), users[0], "9", "2025-11-01T00:00:00Z")) + "\n")
     reused = cli(db_url, "backfill", str(other), "--idempotency-key", "load-1")
-    assert_error(reused, 2, "chunk 1 of 1", "load-1:1", "no chunk committed")
+    message = assert_error(reused, 2, "chunk 1 of 1", "load-1:1", "no chunk committed")
+    assert "another --idempotency-key" in message
+    assert "run the same command" not in message
     assert global_total(db_url) == "5.000015"
 
     over = cli(db_url, "backfill", str(path), "--batch-size", "50001")
@@ -834,6 +836,7 @@ def test_worker_waits_as_standby_while_another_holds_the_lock(db_url: str) -> No
 def test_worker_rejects_bad_options(db_url: str) -> None:
     assert cli(db_url, "worker", "--once", "--reconcile-every", "soon").exit_code == 2
     assert_error(cli(db_url, "worker", "--once", "--event-retention", "bogus"), 2, "interval")
+    assert_error(cli(db_url, "worker", "--once", "--event-retention", "-1 days"), 2, "negative")
 
 
 def test_worker_runs_until_sigterm(db_url: str) -> None:

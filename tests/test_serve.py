@@ -873,7 +873,18 @@ def test_reads_are_open_without_a_reader_token_and_everything_without_any(
 
 @pytest.mark.parametrize(
     "env",
-    [pytest.param({}, id="no token"), pytest.param({"BULK_SYNC_WRITER_TOKEN": W}, id="no admin")],
+    [
+        pytest.param({}, id="no token"),
+        pytest.param({"BULK_SYNC_WRITER_TOKEN": W}, id="no admin"),
+        pytest.param(
+            {
+                "BULK_SYNC_WRITER_TOKEN": W,
+                "BULK_SYNC_ADMIN_TOKEN": A,
+                "BULK_SYNC_MAX_BODY_BYTES": "64MiB",
+            },
+            id="a body limit with a unit",
+        ),
+    ],
 )
 def test_refuses_a_public_host_without_writer_and_admin_tokens(
     db_url: str, env: dict[str, str]

@@ -647,6 +647,8 @@ def _problem_line(problem: dict[str, Any], parts: list[Staged]) -> str:
     if problem.get("first_line") is not None:
         reason += f", {where(int(problem['first_line']))}"
     value = problem.get("value")
+    if value is not None:  # one line per problem, whatever the field held
+        value = value.replace("\r", "\\r").replace("\n", "\\n")
     if problem["code"] == "BS002":
         shown = f" [{value}]"
     else:
@@ -847,5 +849,8 @@ def _chunk_error(exc: psycopg.Error, number: int, total: int, committed: int) ->
     """An error while applying: say how many chunks committed, so that a rerun is clearly safe."""
     done = f"{committed} of {total} chunks committed" if committed else "no chunk committed"
     error = to_cli_error(exc, prefix=f"chunk {number} of {total}: ")
-    error.message += f" ({done}; run the same command again to finish the load)"
+    if getattr(exc, "sqlstate", None) == "BS003":  # the same command would meet the same key
+        error.message += f" ({done}; the key is another load's: pass another --idempotency-key)"
+    else:
+        error.message += f" ({done}; run the same command again to finish the load)"
     return error

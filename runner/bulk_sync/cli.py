@@ -553,7 +553,11 @@ def serve(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'bulk-sync[serve]'",
             EXIT_BAD_INPUT,
         ) from exc
-    problem = server.startup_problem(server.Settings.from_env(), host)
+    try:
+        settings = server.Settings.from_env()
+    except ValueError as exc:
+        raise CliError(f"refusing to start: {exc}", EXIT_BAD_INPUT) from exc
+    problem = server.startup_problem(settings, host)
     if problem:
         raise CliError(f"refusing to start: {problem}", EXIT_BAD_INPUT)
     server.run(_settings(ctx).url(), host, port, workers, pool_size, access_log)

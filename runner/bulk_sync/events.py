@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 
 from bulk_sync.db import APP_NAME, connect, to_cli_error
-from bulk_sync.errors import EXIT_DATABASE, CliError
+from bulk_sync.errors import EXIT_BAD_INPUT, EXIT_DATABASE, CliError
 from bulk_sync.jsonutil import dumps
 
 CHANNEL = "bulk_sync_leaderboard"
@@ -394,8 +394,15 @@ class Worker:
     def run(self, once: bool = False) -> None:
         """Run until SIGINT/SIGTERM (or one pass with ``once``)."""
         self.conn = self._connect()  # a first failure is an error (exit 3)
-        # A bad --event-retention is bad input (exit 2), found before anything runs.
-        self.conn.execute("SELECT %s::interval", (self.event_retention,))
+        # A bad --event-retention is bad input (exit 2), found before anything runs: not an
+        # interval, or one prune_events would refuse on every pass.
+        (negative,) = self.conn.execute(
+            "SELECT %s::interval < interval '0'", (self.event_retention,)
+        ).fetchone()
+        if negative:
+            raise CliError(
+                f"--event-retention must not be negative: {self.event_retention}", EXIT_BAD_INPUT
+            )
         self.log(
             "started",
             reconcile_every_s=self.reconcile_every_s,

@@ -103,14 +103,22 @@ class Settings:
             reader_token=env.get("BULK_SYNC_READER_TOKEN") or None,
             writer_token=env.get("BULK_SYNC_WRITER_TOKEN") or None,
             admin_token=env.get("BULK_SYNC_ADMIN_TOKEN") or None,
-            max_body_bytes=int(env.get("BULK_SYNC_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES),
-            pool_size=int(env.get("BULK_SYNC_POOL_SIZE") or DEFAULT_POOL_SIZE),
-            batch_max=int(env.get("BULK_SYNC_BATCH_MAX") or DEFAULT_BATCH_MAX),
+            max_body_bytes=_positive(env, "BULK_SYNC_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            pool_size=_positive(env, "BULK_SYNC_POOL_SIZE", DEFAULT_POOL_SIZE),
+            batch_max=_positive(env, "BULK_SYNC_BATCH_MAX", DEFAULT_BATCH_MAX),
         )
 
     @property
     def any_token(self) -> bool:
         return any((self.reader_token, self.writer_token, self.admin_token))
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer setting, or ValueError naming it."""
+    text = env.get(name) or str(default)
+    if not re.fullmatch(r"[0-9]{1,18}", text.strip()) or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer (bytes or a count), not {text!r}")
+    return int(text)
 
 
 def is_loopback(host: str) -> bool:
