@@ -1074,7 +1074,7 @@ def test_killed_pool_connections_are_replaced_before_a_request_gets_one(
         assert api.get("/api/status").status_code == 200
     with connect(admin_url) as admin:
         (killed,) = admin.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
             " WHERE datname = %s AND application_name = 'bulk-sync serve'",
             [db_url.rsplit("/", 1)[1]],
         ).fetchone()
