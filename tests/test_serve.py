@@ -14,6 +14,7 @@ Every response seen here is checked against the server's own OpenAPI document.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
@@ -627,6 +628,17 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
         400,
         "BS001",
     ),
+    (
+        "a misspelt query parameter",
+        "GET",
+        "/api/totals?as_off=2025-11-05T10:00:00Z",
+        R,
+        {},
+        400,
+        "BS001",
+    ),
+    ("a misspelt limit", "GET", "/api/leaderboard?limt=5", R, {}, 400, "BS001"),
+    ("an unknown parameter on the stream", "GET", "/api/events/stream?from=3", R, {}, 400, "BS001"),
     ("limit not an integer", "GET", "/api/leaderboard?limit=ten", R, {}, 400, "BS001"),
     ("limit over the SQL's", "GET", "/api/leaderboard?limit=100000", R, {}, 400, "BS001"),
     ("after negative", "GET", "/api/events?after=-1", R, {}, 400, "BS001"),
@@ -747,6 +759,18 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
         "/api/actions/log",
         W,
         {"data": {"action_id": new_id()}},
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "a compressed body",
+        "POST",
+        "/api/actions/log",
+        W,
+        {
+            "content": gzip.compress(json.dumps(action_body()).encode()),
+            "headers": {**JSON, "Content-Encoding": "gzip"},
+        },
         415,
         "unsupported_media_type",
     ),

@@ -277,6 +277,7 @@ def query_int(name: str, default: int, maximum: int = INT4_MAX) -> Param:
         text = request.query_params.get(name)
         return {name: default if text is None else integer(name, text, maximum)}
 
+    read.query = name  # type: ignore[attr-defined]
     return read
 
 
@@ -299,7 +300,17 @@ def query_time(name: str) -> Param:
             raise bad_input(f"{name} is out of range", f"{name}: {text}") from None
         return {name: value, f"{name}_text": iso}
 
+    read.query = name  # type: ignore[attr-defined]
     return read
+
+
+def check_query(request: Request, names: set[str]) -> None:
+    """BS001 for a query parameter the endpoint does not take (a typo such as ``as_off`` would
+    otherwise be ignored, and the default answered as if it were what was asked)."""
+    unknown = sorted(set(request.query_params) - names - {"access_token"})
+    if unknown:
+        allowed = ", ".join(sorted(names)) or "none"
+        raise bad_input(f"unknown query parameter {unknown[0]!r}", f"it takes: {allowed}")
 
 
 def header(name: str, key: str) -> Param:
@@ -524,6 +535,14 @@ def check_content_type(request: Request) -> None:
             "unsupported_media_type",
             "the body must be application/json (UTF-8)",
             f"Content-Type: {ctype}",
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the body must be sent as it is, not compressed",
+            f"Content-Encoding: {encoding}",
         )
 
 
@@ -840,6 +859,7 @@ def endpoint(api: Api) -> Callable[[Request], Any]:
     async def handle(request: Request) -> Response:
         state = request.app.state
         level = authorize(state.settings, request, api.needs)
+        check_query(request, {getattr(read, "query", "") for read in api.params} - {""})
         params: dict[str, Any] = {}
         for read in api.params:
             params.update(read(request))
@@ -895,6 +915,7 @@ async def stream(request: Request) -> Response:
     """Server-Sent Events: everything after ``after`` (or Last-Event-ID), then live."""
     state = request.app.state
     level = authorize(state.settings, request, READER)
+    check_query(request, {"after"})
     resume = (request.headers.get("last-event-id") or "").strip()
     if resume:
         if not re.fullmatch(r"[0-9]{1,19}", resume) or int(resume) > INT8_MAX:
