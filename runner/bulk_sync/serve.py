@@ -610,7 +610,24 @@ def text_fields(value: dict[str, Any], names: tuple[str, ...]) -> dict[str, str 
     if wrong:
         kind = JSON_KIND[type(value[wrong[0]])]
         raise bad_input(f"{wrong[0]} must be a string", f"{wrong[0]}: a JSON {kind}")
+    for name in names:
+        if not _storable(value.get(name)):
+            raise bad_input(
+                f"{name} must be text PostgreSQL can store", f"{name}: a NUL or a lone surrogate"
+            )
     return {name: value.get(name) for name in names}
+
+
+def _storable(text: str | None) -> bool:
+    """Whether ``text`` can be a PostgreSQL text value: no NUL, and UTF-8 (no lone surrogate,
+    which a JSON escape such as \\ud800 can give)."""
+    if text is None:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 # --------------------------------------------------------------------------- database calls
