@@ -28,8 +28,9 @@ TO bulk_sync_writer;
 
 -- Readers see everything and call the read functions.
 GRANT SELECT ON ALL TABLES IN SCHEMA bulk_sync TO bulk_sync_reader;
--- but not the tokens of loads in progress, which let a writer add to or end a load
-REVOKE SELECT ON bulk_sync._loads FROM bulk_sync_reader;
+-- but not the tokens of loads in progress, which let a writer add to or end a load (each checked
+-- row of a load carries its token too)
+REVOKE SELECT ON bulk_sync._loads, bulk_sync._load_rows FROM bulk_sync_reader;
 GRANT EXECUTE ON FUNCTION
     bulk_sync.leaderboard(integer, integer),
     bulk_sync.user_rank(uuid),

@@ -2,7 +2,7 @@
 -- tables, every SECURITY DEFINER function pinned to a search_path ending in pg_temp, and a caller's
 -- objects in another schema (public.now(), public.jsonb_typeof()) unable to hijack the API.
 BEGIN;
-SELECT plan(57);
+SELECT plan(58);
 
 CREATE SCHEMA tests;
 
@@ -111,10 +111,13 @@ SELECT is(
     '{}'::text[], 'the admin can execute every contract function, reconcile included');
 SELECT is(
     (SELECT coalesce(array_agg(rel::text ORDER BY rel::text), '{}') FROM tests.relations
-      WHERE NOT has_table_privilege('bulk_sync_reader', rel, 'SELECT') AND rel <> 'bulk_sync._loads'::regclass),
-    '{}'::text[], 'the reader can SELECT every bulk_sync table and view but _loads');
+      WHERE NOT has_table_privilege('bulk_sync_reader', rel, 'SELECT')
+        AND rel NOT IN ('bulk_sync._loads'::regclass, 'bulk_sync._load_rows'::regclass)),
+    '{}'::text[], 'the reader can SELECT every bulk_sync table and view but _loads and _load_rows');
 SELECT ok(NOT has_table_privilege('bulk_sync_reader', 'bulk_sync._loads', 'SELECT'),
           'the reader cannot read the tokens of the loads in progress (bulk_sync._loads)');
+SELECT ok(NOT has_table_privilege('bulk_sync_reader', 'bulk_sync._load_rows', 'SELECT'),
+          'nor find them in the loads'' checked rows (bulk_sync._load_rows)');
 SELECT is(has_schema_privilege('bulk_sync_reader', 'bulk_sync', 'USAGE'), true, 'the reader can use the schema');
 SELECT is(has_schema_privilege('bulk_sync_writer', 'bulk_sync', 'USAGE'), true, 'the writer can use the schema');
 
