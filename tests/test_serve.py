@@ -20,7 +20,9 @@ import logging
 import os
 import queue
 import re
+import resource
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -1273,3 +1275,22 @@ def test_access_line_is_uvicorns_line(use_colors: bool) -> None:
             'WARNING:  192.0.2.7:50123 - "POST /api/status?access_token=[redacted]&a=%C3%A9'
             ' HTTP/1.1" 599 '
         )
+
+
+def test_a_readable_connection_is_seen_above_fd_setsize() -> None:
+    """The pool's check polls a connection's socket; a server with many clients holds
+    descriptors above 1024, which select() refuses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    ours, theirs = socket.socketpair()
+    high = os.dup2(ours.fileno(), 2000)
+    try:
+        assert serve._readable(high) is False
+        theirs.send(b"E")  # what a server's last message looks like to an idle connection
+        assert serve._readable(high) is True
+    finally:
+        os.close(high)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -639,9 +639,19 @@ async def closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
     connection has nothing to read, so anything readable (the server's last message, or the end
     of the stream) means it is gone: a poll of the socket, not a round trip, which on the log
     path would cost every batch one."""
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+    if conn.closed or _readable(conn.fileno()):
         await conn.close()  # so that the pool drops it, and does not hand it out again
         raise psycopg.OperationalError("the server closed this connection")
+
+
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` has something to read, now. poll, where there is one: select refuses a
+    descriptor above FD_SETSIZE (1024), which a server with many clients reaches."""
+    if not hasattr(select, "poll"):
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def run_json(
