@@ -28,17 +28,13 @@ from bulk_sync.backfill import (
     MAX_JOBS,
     backfill,
 )
-from bulk_sync.db import call_json, connect, resolve_url, to_cli_error
+from bulk_sync.db import INT4_MAX, INT8_MAX, call_json, connect, resolve_url, to_cli_error
 from bulk_sync.errors import EXIT_BAD_INPUT, EXIT_DATABASE, EXIT_OUT_OF_SYNC, CliError
 from bulk_sync.jsonutil import dumps, loads
 from bulk_sync.migrate import migrate as run_migrate
 
 CRON_JOB = "bulk-sync-reconcile"
 CRON_COMMAND = "SELECT bulk_sync.reconcile()"
-# The largest values the SQL parameters take: an option bounded by them is refused by click (exit 2)
-# instead of reaching PostgreSQL as a wider type that no function accepts.
-INT4_MAX = 2**31 - 1  # int: p_limit and the like
-INT8_MAX = 2**63 - 1  # bigint: event ids
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -131,12 +127,9 @@ def _iso_utc(value: datetime | None) -> str | None:
 
 
 class Duration(click.ParamType):
-    """``30s``, ``15m``, ``1h``, ``2h30m``: seconds, up to ``maximum`` (an int, as SQL takes)."""
+    """``30s``, ``15m``, ``1h``, ``2h30m``: seconds, at most INT4_MAX (an int, as SQL takes)."""
 
     name = "duration"
-
-    def __init__(self, maximum: int = INT4_MAX) -> None:
-        self.maximum = maximum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -146,8 +139,8 @@ class Duration(click.ParamType):
                 seconds = events.parse_duration(str(value))
             except ValueError as exc:
                 self.fail(str(exc), param, ctx)
-        if seconds > self.maximum:
-            self.fail(f"{value!r} is longer than the maximum of {self.maximum}s", param, ctx)
+        if seconds > INT4_MAX:
+            self.fail(f"{value!r} is longer than the maximum of {INT4_MAX}s", param, ctx)
         return seconds
 
 

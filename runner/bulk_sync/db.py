@@ -20,6 +20,10 @@ from bulk_sync.errors import EXIT_BAD_INPUT, EXIT_DATABASE, CliError
 from bulk_sync.jsonutil import loads
 
 APP_NAME = "bulk-sync"
+# The largest values of the SQL parameter types: a wider number is bad input, refused before it
+# reaches PostgreSQL as a type no function takes.
+INT4_MAX = 2**31 - 1  # int: limits, offsets, seconds
+INT8_MAX = 2**63 - 1  # bigint: event ids
 MIGRATE_HINT = "run `bulk-sync migrate` to install the bulk_sync schema"
 
 # json/jsonb values come back with exact decimals, never floats.

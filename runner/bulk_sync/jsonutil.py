@@ -21,6 +21,27 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
+class JsonNumber:
+    """A number read by ``loads_unconverted``, as its text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+# Numbers are never converted, so no size of number is refused (Python's int stops at 4300 digits).
+_UNCONVERTED = json.JSONDecoder(
+    parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_reject_constant
+)
+
+
+def loads_unconverted(text: str) -> Any:
+    """Parse JSON to learn its shape, for text that goes on as it is: numbers are ``JsonNumber``;
+    NaN and Infinity are rejected."""
+    return _UNCONVERTED.decode(text)
+
+
 def loads(text: str | bytes) -> Any:
     """Parse JSON; fractional numbers become ``Decimal``; NaN and Infinity are rejected."""
     if isinstance(text, bytes | bytearray | memoryview):

@@ -25,7 +25,6 @@ import copy
 import hmac
 import http
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -52,8 +51,8 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter
 
 from bulk_sync import events
-from bulk_sync.db import APP_NAME, MIGRATE_HINT, connect
-from bulk_sync.jsonutil import dumps
+from bulk_sync.db import APP_NAME, INT4_MAX, INT8_MAX, MIGRATE_HINT, connect
+from bulk_sync.jsonutil import JsonNumber, dumps, loads_unconverted
 
 log = logging.getLogger("bulk_sync.serve")
 
@@ -68,8 +67,6 @@ EVENT_PAGE = 1000
 HUB_POLL_S = 0.5  # the server publishes and reads events itself at least this often
 HEARTBEAT_S = 15.0
 MAX_PENDING_PAGES = 1000  # a stream client this far behind is dropped; it resumes on reconnect
-INT4_MAX = 2**31 - 1
-INT8_MAX = 2**63 - 1  # event ids are bigint
 
 READER, WRITER, ADMIN = 1, 2, 3
 ROLE = {READER: "bulk_sync_reader", WRITER: "bulk_sync_writer", ADMIN: "bulk_sync_admin"}
@@ -563,21 +560,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class JsonNumber:
-    """A number of a checked body, as its text: checking never converts one, so no size of
-    number is refused here (PostgreSQL reads the body)."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-_CHECKER = json.JSONDecoder(parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=_not_json)
 JSON_KIND = {dict: "object", list: "array", str: "string", bool: "boolean", JsonNumber: "number"}
 
 
@@ -588,7 +570,7 @@ def json_object(body: bytes, optional: bool) -> tuple[str, dict[str, Any]]:
         return "{}", {}
     try:
         text = body.decode("utf-8")
-        value = _CHECKER.decode(text)
+        value = loads_unconverted(text)  # PostgreSQL reads the numbers
     except RecursionError:
         raise bad_input("the body is nested too deeply to read") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -945,9 +927,7 @@ async def stream(request: Request) -> Response:
     check_query(request, {"after"})
     resume = (request.headers.get("last-event-id") or "").strip()
     if resume:
-        if not re.fullmatch(r"[0-9]{1,19}", resume) or int(resume) > INT8_MAX:
-            raise bad_input("Last-Event-ID must be an event id", f"Last-Event-ID: {resume}")
-        after = int(resume)
+        after = integer("Last-Event-ID", resume, INT8_MAX)
     else:
         after = query_int("after", 0, INT8_MAX)(request)["after"]
     if after < 0:
