@@ -4,7 +4,7 @@
 -- is a single expression unless it is declared less volatile than that body, which is easy to get
 -- wrong (concat_ws and format are STABLE, not IMMUTABLE).
 BEGIN;
-SELECT plan(2);
+SELECT plan(3);
 
 -- Whether a call of the function, with arguments that are columns (so nothing is folded into a
 -- constant), still names the function in its plan.
@@ -42,6 +42,36 @@ SELECT set_eq(
          AND NOT pg_temp.inlined(p.oid)$$,
     ARRAY['_emit_user_events', '_recent_actions', 'leaderboard_json', 'global_total', 'status'],
     'every scalar SQL function of bulk_sync that is a single expression is inlined');
+
+-- Inlining can also stop one level down: a helper given an argument that is costly to compute (a
+-- cast of another helper's result) and naming its parameter more than once is run as a function of its
+-- own, once per row, even inside a helper that is itself inlined. So the rules and the typing run over
+-- actions as a load sees them (columns of a table, so nothing is folded into a constant), counting
+-- the functions of bulk_sync called once per row or more. (Defaults that are constants are folded
+-- when planning, a call or two each.) _json_object (PL/pgSQL) is called only for a CSV row's metadata,
+-- so these rows have none.
+CREATE TEMP TABLE rows_seen AS
+SELECT jsonb_build_object('action_id', gen_random_uuid(), 'user_id', gen_random_uuid(),
+                          'lbs', CASE WHEN i % 2 = 0 THEN to_jsonb(i / 8.0) ELSE to_jsonb((i / 8.0)::text) END,
+                          'logged_at', '2025-01-01T00:00:00Z', 'verified', i % 3 = 0) AS doc,
+       gen_random_uuid()::text AS action_id, gen_random_uuid()::text AS user_id, (i / 4.0)::text AS lbs,
+       '2025-01-01 00:00:00+00'::text AS logged_at, CASE WHEN i % 3 = 0 THEN 'yes' ELSE 'false' END AS verified,
+       ''::text AS metadata
+  FROM generate_series(1, 40) AS i;
+SET LOCAL track_functions = 'all';
+SELECT is(
+    (SELECT count(*) FROM rows_seen AS s
+      CROSS JOIN LATERAL bulk_sync._action_problems(s.doc) AS p)
+  + (SELECT count(*) FROM rows_seen AS s
+      CROSS JOIN LATERAL bulk_sync._action_problems(NULL, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified,
+                                                    s.metadata) AS p)
+  + (SELECT count(*) FROM rows_seen AS s CROSS JOIN LATERAL bulk_sync._action_values(s.doc) AS v WHERE v.lbs < 0)
+  + (SELECT count(*) FROM rows_seen AS s
+      CROSS JOIN LATERAL bulk_sync._action_values(NULL, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified,
+                                                  s.metadata) AS v WHERE v.lbs < 0)
+  + (SELECT count(*) FROM pg_stat_xact_user_functions AS f WHERE f.schemaname = 'bulk_sync' AND f.calls >= 40),
+    0::bigint,
+    'valid actions, JSON or CSV, are checked and typed without calling a single helper');
 
 SELECT * FROM finish();
 ROLLBACK;
