@@ -36,9 +36,8 @@ BEGIN
              WHERE q.nth <= p_max_problems) AS p;
 
     -- 2. The valid rows, typed (a blank line, all NULL, is no row), each marked known when its action_id
-    -- is stored, pending when it is stored unverified, and conflicting when the stored facts differ: one
-    -- primary-key probe per row (LATERAL ... LIMIT 1), so the cost follows the load and never the ledger
-    -- (a join may be planned as a scan of all of user_actions). With invalid rows present the rules are
+    -- is stored, pending when it is stored unverified, and conflicting when the stored facts differ
+    -- (_stored_facts: one primary-key probe per row). With invalid rows present the rules are
     -- asked again to leave them out, so that _stage_load can still report conflicts among the others.
     INSERT INTO bulk_sync._load_rows
            (load, line, action_id, user_id, lbs, logged_at, verified, metadata, known, pending, conflicts)
@@ -52,11 +51,7 @@ BEGIN
                    (NULL::jsonb, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text)
                AND (v_invalid = '[]' OR NOT EXISTS (SELECT FROM bulk_sync._action_problems(s.doc, s.action_id,
                                                     s.user_id, s.lbs, s.logged_at, s.verified, s.metadata)))) AS v
-      LEFT JOIN LATERAL (SELECT NOT a.verified AND NOT a.revoked AS pending,
-                                (a.user_id, a.emissions_saved_lbs, a.logged_at)
-                                IS DISTINCT FROM (v.user_id, v.lbs, v.logged_at) AS conflicts
-                           FROM bulk_sync.user_actions AS a
-                          WHERE a.action_id = v.action_id LIMIT 1) AS k ON true
+      LEFT JOIN LATERAL bulk_sync._stored_facts(v.action_id, v.user_id, v.lbs, v.logged_at) AS k ON true
      ORDER BY v.user_id;  -- so that a chunk's rows lie together: each chunk reads a few pages, not all
     GET DIAGNOSTICS v_rows = ROW_COUNT;
 

@@ -1,6 +1,6 @@
 -- _stage_apply: applies the checked rows of load p_load for users p_from <= user_id < p_below (NULL:
--- unbounded) in the caller's transaction: one INSERT of the new actions, then the verification of known pending ones. The
--- triggers on user_actions move the totals, once per user.
+-- unbounded) in the caller's transaction: one INSERT of the new actions (_insert_new_actions), then the
+-- verification of known pending ones. The totals move once per user.
 CREATE OR REPLACE FUNCTION bulk_sync._stage_apply(
     p_load             uuid,
     p_from             uuid,
@@ -23,8 +23,7 @@ DECLARE
     v_held      uuid[];
     v_conflict  record;
     v_result    jsonb;
-    v_deltas    bulk_sync._user_delta[];
-    v_claim     text;
+    v_new       bulk_sync._checked_action[];
 BEGIN
     PERFORM bulk_sync._load_held(p_load);
 
@@ -55,52 +54,20 @@ BEGIN
                      WHERE l.load = p_load AND l.verified AND (NOT l.known OR l.pending)
                        AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL));
 
-    -- A chunk that verifies no stored action knows its gains before it inserts: they are applied first,
-    -- one _user_delta per user, which locks (or creates) the same users in the same order, and the
-    -- INSERT then tells the count trigger they are counted (a row of _precount_claims, which only
-    -- bulk_sync writes, flagged by bulk_sync.precounted; see _count_inserted_actions). A new user's row is written once, with its totals, instead of created
-    -- empty by _lock_users and then updated.
-    --
-    -- New actions in one plain INSERT, in action_id order so concurrent loads lock index entries in one
-    -- order. Should another writer have stored one of them since _stage_load, all of this is undone and
-    -- the chunk is inserted again with ON CONFLICT DO NOTHING, every row of it then treated as possibly
-    -- known, and the triggers count what was inserted.
+    -- New actions in one INSERT (_insert_new_actions). A chunk that verifies no stored action knows
+    -- its gains before it inserts: they are applied first, which locks (or creates) the same users in
+    -- the same order. Should another writer have stored one of them since _stage_load, all of this is
+    -- undone and the chunk is inserted again skipping stored actions, every row of it then treated as
+    -- possibly known, and the triggers count what was inserted.
+    v_new := ARRAY(SELECT (l.line, l.action_id, l.user_id, l.lbs, l.logged_at, l.verified, l.metadata)::bulk_sync._checked_action
+                     FROM bulk_sync._load_rows AS l
+                    WHERE l.load = p_load AND NOT l.known
+                      AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL));
     BEGIN
-        IF v_pending = 0 THEN
-            SELECT array_agg((g.user_id, g.lbs, g.n, g.latest, false, g.action_id, 'logged')::bulk_sync._user_delta
-                             ORDER BY g.user_id),
-                   format('%s %s', coalesce(sum(g.n), 0), coalesce(sum(g.lbs), 0))
-              INTO v_deltas, v_claim
-              FROM (SELECT l.user_id,
-                           sum(l.lbs) AS lbs,
-                           count(*)::integer AS n,
-                           max(l.logged_at) AS latest,
-                           CASE WHEN count(*) = 1 THEN (array_agg(l.action_id))[1] END AS action_id
-                      FROM bulk_sync._load_rows AS l
-                     WHERE l.load = p_load AND l.verified AND NOT l.known
-                       AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
-                     GROUP BY l.user_id) AS g;
-            IF v_deltas IS NOT NULL THEN
-                PERFORM bulk_sync._apply_deltas(v_deltas);
-                INSERT INTO bulk_sync._precount_claims (xid, claim) VALUES (pg_current_xact_id(), v_claim);
-                PERFORM set_config('bulk_sync.precounted', 'on', true);
-            END IF;
-        ELSE
+        IF v_pending > 0 THEN
             PERFORM bulk_sync._lock_users(v_held);
         END IF;
-
-        WITH inserted AS (
-            INSERT INTO bulk_sync.user_actions AS a
-                   (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
-            SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
-              FROM bulk_sync._load_rows AS l
-             WHERE l.load = p_load AND NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
-             ORDER BY l.action_id
-            RETURNING a.user_id, a.verified
-        )
-        SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
-          INTO v_inserted, v_users
-          FROM inserted AS i;
+        SELECT n.inserted, n.users INTO v_inserted, v_users FROM bulk_sync._insert_new_actions(v_new, v_pending = 0) AS n;
     EXCEPTION WHEN unique_violation OR deadlock_detected THEN
         -- A deadlock can only be with a writer storing one of these action_ids for another user,
         -- which waits for the slot _apply_deltas took (docs/DESIGN.md, lock order): undone, the
@@ -110,19 +77,7 @@ BEGIN
 
     IF v_raced THEN
         PERFORM bulk_sync._lock_users(v_held);
-        WITH inserted AS (
-            INSERT INTO bulk_sync.user_actions AS a
-                   (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
-            SELECT l.action_id, l.user_id, l.lbs, l.verified, l.logged_at, l.metadata, CASE WHEN l.verified THEN now() END
-              FROM bulk_sync._load_rows AS l
-             WHERE l.load = p_load AND NOT l.known AND (l.user_id >= p_from OR p_from IS NULL) AND (l.user_id < p_below OR p_below IS NULL)
-             ORDER BY l.action_id
-                ON CONFLICT (action_id) DO NOTHING
-            RETURNING a.user_id, a.verified
-        )
-        SELECT count(*), coalesce(array_agg(i.user_id) FILTER (WHERE i.verified), '{}')
-          INTO v_inserted, v_users
-          FROM inserted AS i;
+        SELECT n.inserted, n.users INTO v_inserted, v_users FROM bulk_sync._insert_new_actions(v_new, false, true) AS n;
     END IF;
 
     -- Known actions (a rerun, a resubmission): the same facts were checked by _stage_load, and after a

@@ -37,6 +37,7 @@ MIGRATION_IDS = [
     "0008.user-delta",
     "0009.event-batches",
     "0010.precount-claims",
+    "0011.checked-actions",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -272,7 +273,9 @@ def _event_counts(conn: psycopg.Connection) -> tuple[int, int]:
 def _check_after_rollback(
     conn: psycopg.Connection, migration_id: str, events_before: tuple[int, int]
 ) -> None:
-    if migration_id == "0010.precount-claims":
+    if migration_id == "0011.checked-actions":
+        assert scalar(conn, "SELECT to_regtype('bulk_sync._checked_action') IS NULL")
+    elif migration_id == "0010.precount-claims":
         assert not relation_exists(conn, "bulk_sync._precount_claims")
     elif migration_id == "0009.event-batches":
         assert not column_exists(conn, "_event_outbox", "events")

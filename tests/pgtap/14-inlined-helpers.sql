@@ -45,9 +45,9 @@ SELECT set_eq(
 
 -- Inlining can also stop one level down: a helper given an argument that is costly to compute (a
 -- cast of another helper's result) and naming its parameter more than once is run as a function of its
--- own, once per row, even inside a helper that is itself inlined. So the rules and the typing run over
--- actions as a load sees them (columns of a table, so nothing is folded into a constant), counting
--- the functions of bulk_sync called once per row or more. (Defaults that are constants are folded
+-- own, once per row, even inside a helper that is itself inlined. So the rules, the typing and the
+-- probe run over actions as a load sees them (columns of a table, so nothing is folded into a
+-- constant), counting the functions of bulk_sync called once per row or more. (Defaults that are constants are folded
 -- when planning, a call or two each.) _json_object (PL/pgSQL) is called only for a CSV row's metadata,
 -- so these rows have none.
 CREATE TEMP TABLE rows_seen AS
@@ -65,7 +65,9 @@ SELECT is(
   + (SELECT count(*) FROM rows_seen AS s
       CROSS JOIN LATERAL bulk_sync._action_problems(NULL, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified,
                                                     s.metadata) AS p)
-  + (SELECT count(*) FROM rows_seen AS s CROSS JOIN LATERAL bulk_sync._action_values(s.doc) AS v WHERE v.lbs < 0)
+  + (SELECT count(*) FROM rows_seen AS s CROSS JOIN LATERAL bulk_sync._action_values(s.doc) AS v
+      LEFT JOIN LATERAL bulk_sync._stored_facts(v.action_id, v.user_id, v.lbs, v.logged_at) AS k ON true
+     WHERE v.lbs < 0 OR k.conflicts)
   + (SELECT count(*) FROM rows_seen AS s
       CROSS JOIN LATERAL bulk_sync._action_values(NULL, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified,
                                                   s.metadata) AS v WHERE v.lbs < 0)
