@@ -1,6 +1,7 @@
 -- bulk_backfill: loads a batch of actions in one transaction, all or nothing.
--- Stages the actions, checks them all, then applies them: the same core as bulk-sync backfill of a file
--- (_stage_open ... _stage_close), so the cost follows the batch size, never the size of user_actions.
+-- Checks every action, then applies them: the same core as bulk-sync backfill of a file (_stage_open ...
+-- _stage_close), with its rules and its INSERT, but without staging the request when every action is
+-- valid; the cost follows the batch size, never the size of user_actions.
 CREATE OR REPLACE FUNCTION bulk_sync.bulk_backfill(request jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -15,8 +16,13 @@ DECLARE
     v_load          uuid;
     v_problem       jsonb;
     v_applied       jsonb;
-    v_inserted      integer;
-    v_verified      integer;
+    v_inserted      bigint;
+    v_verified      bigint;
+    v_affected      integer;
+    v_rows          bulk_sync._checked_action[];
+    v_checked       boolean;
+    v_staged        boolean;
+    v_problems      jsonb;
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'bulk_backfill', ARRAY['actions', 'idempotency_key']);
     v_total := jsonb_array_length(v_actions);
@@ -39,24 +45,70 @@ BEGIN
         END IF;
     END IF;
 
-    -- The one bulk core: stage the actions, check them all (_stage_check, then BS002 in _stage_load), apply
-    -- them as one chunk. The load's rows go with it, whether this transaction commits or not.
-    v_load := bulk_sync._stage_open();
-    INSERT INTO pg_temp.bulk_sync_stage (line, doc)
-    SELECT e.idx - 1, e.doc FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx);
-    v_problem := bulk_sync._stage_load(v_load, NULL, 1, bulk_sync._stage_check(v_load, 1, 1) -> 'problems') -> 'problems' -> 0;
-    IF v_problem IS NOT NULL THEN
-        PERFORM bulk_sync._raise_problem(
-            concat_ws(' ', format('actions[%s]', v_problem ->> 'line'), '(action_id ' || (v_problem ->> 'action_id') || ')'),
-            v_problem ->> 'field',
-            (v_problem ->> 'reason') || CASE WHEN v_problem ? 'first_line' AND v_problem -> 'first_line' <> 'null'
-                                             THEN format(', actions[%s]', v_problem ->> 'first_line') ELSE '' END,
-            v_problem ->> 'value', v_problem ->> 'code');
+    -- Every action valid (the rules, asked of the request as _stage_check asks them of a stage): typed
+    -- straight from the request, unstaged, and taken for new, each once, as most batches are. So they
+    -- are inserted at once, as one chunk of a load would be (with no probe first: the INSERT checks
+    -- the primary key anyway). An attempt that succeeds was right to take them for new. A stored or
+    -- repeated action_id fails the INSERT, or, counted once too many, an amount overflows first:
+    -- either undoes the attempt, and the load's rows below then settle what really happens.
+    v_checked := NOT EXISTS (SELECT FROM jsonb_array_elements(v_actions) AS e(doc)
+                              CROSS JOIN LATERAL bulk_sync._action_problems(e.doc) AS p);
+    IF v_checked THEN
+        v_rows := ARRAY(SELECT (e.idx - 1, t.action_id, t.user_id, t.lbs, t.logged_at, t.verified, t.metadata)::bulk_sync._checked_action
+                          FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
+                         CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS t);
+        -- But a batch sent again, or one that overlaps the last, most often starts or ends with a stored
+        -- action: that one goes to the load's rows at once, rather than through an attempt that fails.
+        v_staged := EXISTS (SELECT FROM bulk_sync.user_actions AS a
+                             WHERE a.action_id IN (v_rows[1].action_id, v_rows[cardinality(v_rows)].action_id));
+        IF NOT v_staged THEN
+            BEGIN
+                SELECT n.inserted, cardinality(ARRAY(SELECT DISTINCT u FROM unnest(n.users) AS u))
+                  INTO v_inserted, v_affected
+                  FROM bulk_sync._insert_new_actions(v_rows, true) AS n;
+                v_verified := 0;
+            EXCEPTION WHEN unique_violation OR numeric_value_out_of_range OR deadlock_detected THEN
+                v_staged := true;
+            END;
+        END IF;
     END IF;
-    v_applied := bulk_sync._stage_apply(v_load, NULL, NULL, 'actions[%s]', 'bulk_backfill');
-    PERFORM bulk_sync._stage_close(v_load);
-    v_inserted := (v_applied ->> 'inserted_count')::integer;
-    v_verified := (v_applied ->> 'verified_count')::integer;
+
+    -- Otherwise the one bulk core of file loads: the load's rows, BS002 in _stage_load, then one chunk.
+    -- The rows are the typed ones above, each probed (_stored_facts) as _stage_check probes, or, with a
+    -- bad action, the request staged and checked by _stage_check, so that the first problem in index
+    -- order is reported, BS001 or BS002 alike. The load's rows go with the transaction, whether it
+    -- commits or not.
+    IF v_staged IS NOT FALSE THEN
+        v_load := bulk_sync._stage_open();
+        IF v_checked THEN
+            INSERT INTO bulk_sync._load_rows
+                   (load, line, action_id, user_id, lbs, logged_at, verified, metadata, known, pending, conflicts)
+            SELECT v_load, r.line, r.action_id, r.user_id, r.lbs, r.logged_at, r.verified, r.metadata,
+                   k.pending IS NOT NULL, coalesce(k.pending, false), coalesce(k.conflicts, false)
+              FROM unnest(v_rows) AS r
+              LEFT JOIN LATERAL bulk_sync._stored_facts(r.action_id, r.user_id, r.lbs, r.logged_at) AS k ON true
+             ORDER BY r.user_id;
+            v_problems := '[]';
+        ELSE
+            INSERT INTO pg_temp.bulk_sync_stage (line, doc)
+            SELECT e.idx - 1, e.doc FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx);
+            v_problems := bulk_sync._stage_check(v_load, 1, 1) -> 'problems';
+        END IF;
+        v_problem := bulk_sync._stage_load(v_load, NULL, 1, v_problems) -> 'problems' -> 0;
+        IF v_problem IS NOT NULL THEN
+            PERFORM bulk_sync._raise_problem(
+                concat_ws(' ', format('actions[%s]', v_problem ->> 'line'), '(action_id ' || (v_problem ->> 'action_id') || ')'),
+                v_problem ->> 'field',
+                (v_problem ->> 'reason') || CASE WHEN v_problem ? 'first_line' AND v_problem -> 'first_line' <> 'null'
+                                                 THEN format(', actions[%s]', v_problem ->> 'first_line') ELSE '' END,
+                v_problem ->> 'value', v_problem ->> 'code');
+        END IF;
+        v_applied := bulk_sync._stage_apply(v_load, NULL, NULL, 'actions[%s]', 'bulk_backfill');
+        PERFORM bulk_sync._stage_close(v_load);
+        v_inserted := (v_applied ->> 'inserted_count')::bigint;
+        v_verified := (v_applied ->> 'verified_count')::bigint;
+        v_affected := (v_applied ->> 'affected_users')::integer;
+    END IF;
 
     v_response := jsonb_build_object(
         'success',          true,
@@ -64,7 +116,7 @@ BEGIN
         'skipped_count',    v_total - v_inserted - v_verified,
         'verified_count',   v_verified,
         'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()),
-        'affected_users',   (v_applied -> 'affected_users')::integer,
+        'affected_users',   v_affected,
         'message',          format('Bulk backfill completed: %s inserted, %s skipped', v_inserted, v_total - v_inserted - v_verified)
                             || CASE WHEN v_verified > 0 THEN format(', %s verified', v_verified) ELSE '' END,
         'idempotency_key',  v_key,

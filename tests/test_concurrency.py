@@ -562,6 +562,18 @@ def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str
     assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
 
 
+def _wait_on_lock(db_url: str, pid: int, what: str) -> None:
+    """Wait until backend ``pid`` waits for a lock."""
+    with connect(db_url) as watcher:
+        wait_for(
+            lambda: watcher.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()[0],
+            timeout=30,
+            what=what,
+        )
+
+
 def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: str) -> None:
     """log_actions' one statement meets a new action that another transaction is inserting.
 
@@ -591,15 +603,7 @@ def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: s
 
         thread = threading.Thread(target=call_batch)
         thread.start()
-        with connect(db_url) as watcher:
-            wait_for(
-                lambda: watcher.execute(
-                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
-                    (batch_pid,),
-                ).fetchone()[0],
-                timeout=30,
-                what="log_actions to wait on the uncommitted action",
-            )
+        _wait_on_lock(db_url, batch_pid, "log_actions to wait on the uncommitted action")
         writer.commit()
         thread.join(timeout=60)
         assert not thread.is_alive(), "log_actions hung"
@@ -624,6 +628,63 @@ def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: s
             ).fetchone()[0]
             == 1
         )
+
+
+@pytest.mark.parametrize("stored_as", ["pending, same facts", "other facts"])
+def test_bulk_backfill_finds_an_action_another_writer_stores_meanwhile(
+    db_url: str, stored_as: str
+) -> None:
+    """A batch of new actions is applied straight from the request (no staging) unless one is
+    stored. Here one is being stored by another transaction, which the batch cannot see: its
+    INSERT waits on it. Once the writer commits, the direct attempt must leave nothing behind and
+    the batch must come out as if the action had been stored before the call: the pending action
+    verified by the batch, or BS002 with nothing applied.
+    """
+    user, other_user = new_id(), new_id()
+    fresh = action(new_id(), other_user, "1.250000", logged_at(2))
+    raced = action(new_id(), user, "2.500000", logged_at(1))
+    if stored_as == "other facts":
+        stored = dict(raced, lbs="9.000000")
+    else:
+        stored = dict(raced, verified=False)
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+    outcome: list[Any] = []
+
+    with connect(db_url, autocommit=False) as writer, connect(db_url) as batcher:
+        assert log_action(writer, stored)["status"] == "inserted"  # uncommitted: holds the id
+        batch_pid = batcher.info.backend_pid
+
+        def call_batch() -> None:
+            try:
+                outcome.append(bulk_backfill(batcher, [fresh, raced]))
+            except psycopg.Error as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call_batch)
+        thread.start()
+        _wait_on_lock(db_url, batch_pid, "bulk_backfill to wait on the uncommitted action")
+        writer.commit()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "bulk_backfill hung"
+
+    (result,) = outcome
+    with connect(db_url) as conn:
+        if stored_as == "other facts":
+            assert isinstance(result, psycopg.Error), result
+            assert sqlstate(result) == "BS002"
+            assert "actions[1]" in str(result)
+            assert_exact_totals(conn, before + Decimal("9.000000"))
+            assert other_user not in per_user_stats(conn)
+        else:
+            counts = (result["inserted_count"], result["verified_count"], result["skipped_count"])
+            assert counts == (1, 1, 0)
+            assert result["affected_users"] == 2
+            assert result["global_total_lbs"] == amount(before + Decimal("3.750000"))
+            assert_exact_totals(conn, before + Decimal("3.750000"))
+            assert per_user_stats(conn)[user] == ("2.500000", 1)
+            assert per_user_stats(conn)[other_user] == ("1.250000", 1)
+        assert conn.execute("SELECT count(*) FROM bulk_sync._precount_claims").fetchone()[0] == 0
 
 
 def _backend(

@@ -1,7 +1,7 @@
 -- bulk_backfill: counts, in-batch duplicates, all-or-nothing on conflicts, idempotency keys,
 -- the per-call limit, an empty batch, and backfilling logs older than the ones already stored.
 BEGIN;
-SELECT plan(70);
+SELECT plan(75);
 
 \ir fixtures/common.sql
 
@@ -81,9 +81,15 @@ SELECT throws_ok(
 SELECT is(tests.fingerprint(), tests.fp('after batch1'), 'BS003: nothing changed');
 SELECT is(tests.stored('00000000-0000-4000-8000-0000000000b9'), 0::bigint, 'BS003: the other batch''s action is not stored');
 
--- Without a key, the same batch is simply all duplicates.
+-- Without a key, the same batch is simply all duplicates. Its first action is stored, so it is taken for
+-- a batch sent again and probed row by row, with no attempt at inserting it first (which would write
+-- users' rows, then undo them).
+CREATE TEMP TABLE users_written AS
+SELECT n_tup_ins + n_tup_upd AS n FROM pg_stat_xact_user_tables WHERE relid = 'bulk_sync.user_stats'::regclass;
 INSERT INTO tests.responses
 SELECT 'no key', bulk_sync.bulk_backfill(jsonb_build_object('actions', actions)) FROM tests.batch1;
+SELECT is((SELECT n_tup_ins + n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'bulk_sync.user_stats'::regclass),
+    (SELECT n FROM users_written), 'same batch without a key: no user''s row written, even to be undone');
 SELECT is(tests.r('no key') -> 'inserted_count', '0'::jsonb, 'same batch without a key: nothing inserted');
 SELECT is(tests.r('no key') -> 'verified_count', '0'::jsonb, 'same batch without a key: nothing verified');
 SELECT is(tests.r('no key') -> 'skipped_count', '6'::jsonb, 'same batch without a key: all six skipped');
@@ -243,6 +249,38 @@ SELECT results_eq(
     'older logs keep their own logged_at');
 SELECT is((SELECT last_action_at FROM bulk_sync.user_stats WHERE user_id = '00000000-0000-4000-8000-000000000001'),
     '2025-11-05T12:00:00Z'::timestamptz, 'an older log does not move the user''s last_action_at back');
+
+------------------------------------------------------------------------------------------------------
+-- A batch of valid actions that neither starts nor ends with a stored one is taken for new, each once,
+-- and inserted at once. Counting a stored or repeated action a second time can carry a user past 10^24
+-- before the INSERT finds it stored: that attempt is undone and the batch is counted as it really is.
+INSERT INTO tests.responses VALUES ('big', bulk_sync.bulk_backfill('{"actions": [
+    {"action_id": "00000000-0000-4000-8000-000000000e01", "user_id": "00000000-0000-4000-8000-0000000000e0",
+     "lbs": "400000000000000000000000", "logged_at": "2025-11-01T00:00:00Z", "verified": true}]}'));
+INSERT INTO tests.responses VALUES ('big again', bulk_sync.bulk_backfill('{"actions": [
+    {"action_id": "00000000-0000-4000-8000-000000000e02", "user_id": "00000000-0000-4000-8000-0000000000e0",
+     "lbs": "200000000000000000000000", "logged_at": "2025-11-02T00:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-000000000e01", "user_id": "00000000-0000-4000-8000-0000000000e0",
+     "lbs": "400000000000000000000000", "logged_at": "2025-11-01T00:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-000000000e03", "user_id": "00000000-0000-4000-8000-0000000000e9",
+     "lbs": "340000000000000000000000", "logged_at": "2025-11-02T00:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-000000000e03", "user_id": "00000000-0000-4000-8000-0000000000e9",
+     "lbs": "340000000000000000000000", "logged_at": "2025-11-02T00:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-000000000e03", "user_id": "00000000-0000-4000-8000-0000000000e9",
+     "lbs": "340000000000000000000000", "logged_at": "2025-11-02T00:00:00Z", "verified": true},
+    {"action_id": "00000000-0000-4000-8000-000000000e03", "user_id": "00000000-0000-4000-8000-0000000000e9",
+     "lbs": "340000000000000000000000", "logged_at": "2025-11-02T00:00:00Z", "verified": true}]}'));
+SELECT is(tests.r('big again') - 'global_total_lbs' - 'message',
+    '{"success": true, "inserted_count": 2, "skipped_count": 4, "verified_count": 0, "affected_users": 2,
+      "idempotency_key": null, "replayed": false}'::jsonb,
+    'a stored and a repeated action that would overflow if counted again are skipped');
+SELECT is(tests.user_total('00000000-0000-4000-8000-0000000000e0'), '600000000000000000000000.000000',
+    'the stored action counted once');
+SELECT is(tests.user_total('00000000-0000-4000-8000-0000000000e9'), '340000000000000000000000.000000',
+    'the repeated action counted once');
+SELECT is(tests.totals(), ARRAY['940000000000000000050008.133333', '940000000000000000050008.133333',
+                                '940000000000000000050008.133333'],
+    'after the undone attempt: global = SUM(user_stats) = SUM(counted actions)');
 
 SELECT * FROM finish();
 ROLLBACK;
