@@ -1,7 +1,7 @@
 -- _apply_deltas: applies changes of the counted set to user_stats, one global slot and the event
 -- outbox (one row per call), in the caller's transaction: one _user_delta per user, in user_id
 -- order. The only code that moves totals. Its callers: the three count triggers (db/120-122),
--- and _stage_apply, which applies a bulk chunk's gains before inserting it.
+-- and _insert_new_actions, which applies a bulk load's gains before inserting its actions.
 CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(p_deltas bulk_sync._user_delta[])
 RETURNS void
 LANGUAGE plpgsql

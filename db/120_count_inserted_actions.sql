@@ -11,10 +11,10 @@ DECLARE
     v_claim   text;
     v_found   text;
 BEGIN
-    -- A bulk chunk applies its gains itself before its INSERT and claims them in _precount_claims: how
-    -- many counted actions it inserts and their sum (see _stage_apply). The setting bulk_sync.precounted
-    -- only says that there is a claim to look for, so the statements of log_action never read the table;
-    -- any session may set it, and alone it claims nothing. The claim is used up here, and must match
+    -- A bulk load applies its gains itself before its INSERT and claims them in _precount_claims: how
+    -- many counted actions it inserts and their sum (see _insert_new_actions). The setting
+    -- bulk_sync.precounted only says that there is a claim to look for, so the statements of log_action
+    -- never read the table; any session may set it, and alone it claims nothing. The claim is used up here, and must match
     -- what was inserted, so it never covers any other statement.
     IF current_setting('bulk_sync.precounted', true) <> '' THEN
         PERFORM set_config('bulk_sync.precounted', '', true);

@@ -1,8 +1,7 @@
 -- _insert_new_actions: stores checked actions that are not stored yet (no action_id twice; their line
--- is not read) in one INSERT, in action_id order so that concurrent loads lock index
--- entries in one order. Returns how many it inserted and
--- the users of the verified ones. Its callers: _stage_apply (a chunk of a load's rows) and
--- bulk_backfill (a batch of new actions, never staged).
+-- is not read) in one INSERT, in action_id order so that concurrent loads lock index entries in one
+-- order. Returns how many it inserted and the users of the verified ones. Its callers: _stage_apply
+-- (a chunk of a load's rows) and bulk_backfill (a batch of valid actions, never staged).
 --
 -- With p_precount the gains are known before the INSERT, so they are applied first: one _user_delta
 -- per user, in user_id order, which locks (or creates) the users in the order every writer takes
@@ -11,8 +10,10 @@
 -- new user's row is written once, with its totals, instead of created empty and then updated.
 -- Without it the caller holds the users (_lock_users) and the trigger counts the actions.
 --
--- An action another writer stored meanwhile is a unique_violation for the caller to handle, unless
+-- An action already stored (or repeated) is a unique_violation for the caller to handle, unless
 -- p_skip_stored: then it is skipped (ON CONFLICT DO NOTHING), for a caller that checks it after.
+-- Two statements, because ON CONFLICT probes each key before inserting it, which the plain INSERT
+-- does not pay.
 CREATE OR REPLACE FUNCTION bulk_sync._insert_new_actions(
     p_actions      bulk_sync._checked_action[],
     p_precount     boolean,
