@@ -46,21 +46,21 @@ BEGIN
     END IF;
 
     -- Every action valid (the rules, asked of the request as _stage_check asks them of a stage): typed
-    -- straight from the request, unstaged, and taken for new, each once, as most batches are. So they
-    -- are inserted at once, as one chunk of a load would be (with no probe first: the INSERT checks
-    -- the primary key anyway). An attempt that succeeds was right to take them for new. A stored or
-    -- repeated action_id fails the INSERT, or, counted once too many, an amount overflows first:
-    -- either undoes the attempt, and the load's rows below then settle what really happens.
+    -- straight from the request, unstaged. When none is stored (one primary-key lookup each, which waits
+    -- for nobody), as in most batches, they are inserted at once, as one chunk of a load would be. An
+    -- attempt that succeeds was right to take them for new. One fails when an action_id repeats in the
+    -- batch (the INSERT meets its own row), or, counted once too many, a total overflows first; or when
+    -- another writer stores one of them meanwhile, or deadlocks with it. It is undone, and the load's
+    -- rows below settle what really happens.
     v_checked := NOT EXISTS (SELECT FROM jsonb_array_elements(v_actions) AS e(doc)
                               CROSS JOIN LATERAL bulk_sync._action_problems(e.doc) AS p);
     IF v_checked THEN
-        v_rows := ARRAY(SELECT (e.idx - 1, t.action_id, t.user_id, t.lbs, t.logged_at, t.verified, t.metadata)::bulk_sync._checked_action
-                          FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
-                         CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS t);
-        -- But a batch sent again, or one that overlaps the last, most often starts or ends with a stored
-        -- action: that one goes to the load's rows at once, rather than through an attempt that fails.
-        v_staged := EXISTS (SELECT FROM bulk_sync.user_actions AS a
-                             WHERE a.action_id IN (v_rows[1].action_id, v_rows[cardinality(v_rows)].action_id));
+        SELECT coalesce(array_agg((e.idx - 1, t.action_id, t.user_id, t.lbs, t.logged_at, t.verified,
+                                   t.metadata)::bulk_sync._checked_action), '{}'),
+               coalesce(bool_or(EXISTS (SELECT FROM bulk_sync.user_actions AS a WHERE a.action_id = t.action_id)), false)
+          INTO v_rows, v_staged
+          FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
+         CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS t;
         IF NOT v_staged THEN
             BEGIN
                 SELECT n.inserted, cardinality(ARRAY(SELECT DISTINCT u FROM unnest(n.users) AS u))

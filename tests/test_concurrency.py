@@ -687,6 +687,38 @@ def test_bulk_backfill_finds_an_action_another_writer_stores_meanwhile(
         assert conn.execute("SELECT count(*) FROM bulk_sync._precount_claims").fetchone()[0] == 0
 
 
+def test_bulk_backfill_does_not_wait_for_a_stored_action_being_revoked(db_url: str) -> None:
+    """A batch that holds a stored action must not wait for a transaction that is revoking it:
+    the stored action is found (a plain read) and skipped, as it would be at any other moment.
+    Inserting the batch without looking first would wait on that action's key while holding the
+    batch's users and slot, until the revoking transaction ends (a deadlock, if it then needs
+    them)."""
+    user, other = new_id(), new_id()  # the revoker holds its user's row, as any writer would
+    stored = action(new_id(), user, "5.000000", logged_at(1))
+    batch = [
+        action(new_id(), other, "1.000000", logged_at(2)),
+        stored,
+        action(new_id(), other, "2.000000", logged_at(3)),
+    ]
+    with connect(db_url) as conn:
+        assert log_action(conn, stored)["status"] == "inserted"
+        before = Decimal(assert_exact_totals(conn))
+
+    with connect(db_url, autocommit=False) as revoker, connect(db_url) as loader:
+        revoked = revoker.execute(
+            "SELECT bulk_sync.revoke_action(%s, 'test')", (stored["action_id"],)
+        ).fetchone()[0]
+        assert revoked["status"] == "revoked"  # uncommitted
+        loader.execute("SET lock_timeout = '2s'")  # a wait fails the call, and the test
+        result = bulk_backfill(loader, batch)
+        revoker.commit()
+
+    assert (result["inserted_count"], result["skipped_count"]) == (2, 1)
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before - Decimal("5.000000") + Decimal("3.000000"))
+        assert per_user_stats(conn)[other] == ("3.000000", 2)
+
+
 def _backend(
     db_url: str, wanted: Callable[[int], bool], autocommit: bool = True
 ) -> psycopg.Connection:
