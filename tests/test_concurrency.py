@@ -704,7 +704,10 @@ def test_bulk_backfill_does_not_wait_for_a_stored_action_being_revoked(db_url: s
         assert log_action(conn, stored)["status"] == "inserted"
         before = Decimal(assert_exact_totals(conn))
 
-    with connect(db_url, autocommit=False) as revoker, connect(db_url) as loader:
+    revoker = connect(db_url, autocommit=False)
+    # The revoker holds its slot too: the loader must move another (the row a writer waits for).
+    loader = _backend(db_url, lambda slot: slot != revoker.info.backend_pid % 64)
+    with revoker, loader:
         revoked = revoker.execute(
             "SELECT bulk_sync.revoke_action(%s, 'test')", (stored["action_id"],)
         ).fetchone()[0]
