@@ -18,10 +18,10 @@ DECLARE
     v_applied       jsonb;
     v_inserted      bigint;
     v_verified      bigint;
-    v_affected      integer;
+    v_affected      bigint;
     v_rows          bulk_sync._checked_action[];
     v_checked       boolean;
-    v_staged        boolean;
+    v_staged        boolean := true;
     v_problems      jsonb;
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'bulk_backfill', ARRAY['actions', 'idempotency_key']);
@@ -63,7 +63,7 @@ BEGIN
          CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS t;
         IF NOT v_staged THEN
             BEGIN
-                SELECT n.inserted, cardinality(ARRAY(SELECT DISTINCT u FROM unnest(n.users) AS u))
+                SELECT n.inserted, (SELECT count(DISTINCT u) FROM unnest(n.users) AS u)
                   INTO v_inserted, v_affected
                   FROM bulk_sync._insert_new_actions(v_rows, true) AS n;
                 v_verified := 0;
@@ -78,7 +78,7 @@ BEGIN
     -- bad action, the request staged and checked by _stage_check, so that the first problem in index
     -- order is reported, BS001 or BS002 alike. The load's rows go with the transaction, whether it
     -- commits or not.
-    IF v_staged IS NOT FALSE THEN
+    IF v_staged THEN
         v_load := bulk_sync._stage_open();
         IF v_checked THEN
             INSERT INTO bulk_sync._load_rows
@@ -107,7 +107,7 @@ BEGIN
         PERFORM bulk_sync._stage_close(v_load);
         v_inserted := (v_applied ->> 'inserted_count')::bigint;
         v_verified := (v_applied ->> 'verified_count')::bigint;
-        v_affected := (v_applied ->> 'affected_users')::integer;
+        v_affected := (v_applied ->> 'affected_users')::bigint;
     END IF;
 
     v_response := jsonb_build_object(
