@@ -6,11 +6,9 @@ LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE
-               -- Hyphens at 9, 14, 19 and 24 and nowhere else, the rest hex (simple patterns: a counted
-               -- regular expression costs several times as much on a file of millions of rows).
-               WHEN p_value LIKE '________-____-____-____-____________' AND p_value NOT LIKE '%-%-%-%-%-%'
-                AND p_value ~ '^[-0-9a-fA-F]*$'
-               THEN NULL
+               -- The canonical form (_text_form): ~2 µs a text, so bulk loads match a whole batch's at
+               -- once (_in_form).
+               WHEN p_value ~ ('^(' || bulk_sync._text_form('uuid') || ')$') THEN NULL
                WHEN p_value IS NULL THEN 'is required'
                ELSE 'is not a valid uuid (use the form 6f1c2a4e-8d3b-4c55-9a7e-2b1d0c9e8f70)'
            END

@@ -6,15 +6,8 @@ LANGUAGE sql
 STABLE PARALLEL SAFE
 AS $$
     SELECT CASE
-               -- The common form, 2025-11-05T10:00:00Z, in cheap tests: the layout, digits between the
-               -- separators, the fields' ranges (days up to 28 here; later days take the general path).
-               WHEN p_value LIKE '____-__-__T__:__:__Z' AND p_value ~ '^[0-9]*-[0-9]*-[0-9]*T[0-9]*:[0-9]*:[0-9]*Z$'
-                AND substr(p_value, 1, 4) <> '0000'
-                AND substr(p_value, 6, 2) COLLATE "C" BETWEEN '01' AND '12'
-                AND substr(p_value, 9, 2) COLLATE "C" BETWEEN '01' AND '28'
-                AND substr(p_value, 12, 2) COLLATE "C" <= '23'
-                AND substr(p_value, 15, 2) COLLATE "C" <= '59'
-                AND substr(p_value, 18, 2) COLLATE "C" <= '59'
+               -- The common form, 2025-11-05T10:00:00Z (_text_form).
+               WHEN p_value ~ ('^(' || bulk_sync._text_form('logged_at') || ')$')
                THEN bulk_sync._logged_at_problem(p_value::timestamptz)
                -- Fixed-width date, hours 00-23, minutes and seconds 00-59, offsets up to 15:59: all that
                -- PostgreSQL's input accepts, except 24:00 and leap seconds, and nothing it rejects ...

@@ -2,6 +2,18 @@
 -- The one rulebook: log_action, log_actions, bulk_backfill and file loads all ask it. An action comes as a
 -- JSON object (p_doc) or as the text fields of a CSV row (p_doc NULL); the rules are the same for both,
 -- except that JSON types matter for verified and metadata, and a CSV's verified is a word (see _flag).
+-- p_in_form: the caller found action_id, user_id and logged_at in their common form (_in_form, asked
+-- of a whole batch), so of those only logged_at's value is left to judge.
+
+-- Earlier releases had no p_in_form: that signature would make every shorter call ambiguous.
+DO $$
+BEGIN
+    IF to_regprocedure('bulk_sync._action_problems(jsonb, text, text, text, text, text, text)') IS NOT NULL THEN
+        DROP FUNCTION bulk_sync._action_problems(jsonb, text, text, text, text, text, text);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION bulk_sync._action_problems(
     p_doc        jsonb,
     p_action_id  text DEFAULT NULL,
@@ -9,7 +21,8 @@ CREATE OR REPLACE FUNCTION bulk_sync._action_problems(
     p_lbs        text DEFAULT NULL,
     p_logged_at  text DEFAULT NULL,
     p_verified   text DEFAULT NULL,
-    p_metadata   text DEFAULT NULL)
+    p_metadata   text DEFAULT NULL,
+    p_in_form    boolean DEFAULT false)
 RETURNS TABLE (field text, reason text, value text)
 LANGUAGE sql
 -- PARALLEL UNSAFE like _json_object, which it calls for a CSV row's metadata.
@@ -23,10 +36,17 @@ AS $$
                         THEN 'is not a known key (allowed: action_id, user_id, lbs, logged_at, verified, metadata)'
                    END AS keys,
                    x.unknown,
-                   bulk_sync._uuid_text_problem(coalesce(p_action_id, p_doc ->> 'action_id')) AS action_id,
-                   bulk_sync._uuid_text_problem(coalesce(p_user_id, p_doc ->> 'user_id')) AS user_id,
+                   CASE WHEN NOT p_in_form
+                        THEN bulk_sync._uuid_text_problem(coalesce(p_action_id, p_doc ->> 'action_id'))
+                   END AS action_id,
+                   CASE WHEN NOT p_in_form
+                        THEN bulk_sync._uuid_text_problem(coalesce(p_user_id, p_doc ->> 'user_id'))
+                   END AS user_id,
                    bulk_sync._lbs_text_problem(coalesce(p_lbs, p_doc ->> 'lbs')) AS lbs,
-                   bulk_sync._logged_at_text_problem(coalesce(p_logged_at, p_doc ->> 'logged_at')) AS logged_at,
+                   CASE WHEN p_in_form
+                        THEN bulk_sync._logged_at_problem(coalesce(p_logged_at, p_doc ->> 'logged_at')::timestamptz)
+                        ELSE bulk_sync._logged_at_text_problem(coalesce(p_logged_at, p_doc ->> 'logged_at'))
+                   END AS logged_at,
                    CASE WHEN p_doc IS NULL
                         THEN CASE WHEN bulk_sync._flag(p_verified) IS NULL THEN 'must be true or false' END
                         WHEN jsonb_typeof(p_doc -> 'verified') NOT IN ('boolean', 'null') THEN 'must be true or false'

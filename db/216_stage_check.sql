@@ -13,8 +13,9 @@ SET search_path = bulk_sync, pg_catalog, pg_temp
 SET jit = off
 AS $$
 DECLARE
-    v_invalid  jsonb;
-    v_rows     bigint;
+    v_out_of_form  bigint[];
+    v_invalid      jsonb;
+    v_rows         bigint;
 BEGIN
     PERFORM bulk_sync._stage_guard();
     PERFORM bulk_sync._load_held(p_load);
@@ -22,6 +23,17 @@ BEGIN
         RAISE EXCEPTION '_stage_check: p_first_line and p_max_problems must be positive'
             USING ERRCODE = 'BS001', DETAIL = format('p_first_line: %s, p_max_problems: %s', p_first_line, p_max_problems);
     END IF;
+
+    -- 0. The groups of 10,000 lines whose uuids and times are not all in their common form (_in_form,
+    -- asked of each group at once): only their rows need the rules' costliest tests, one text at a time.
+    SELECT coalesce(array_agg(g.part), '{}') INTO v_out_of_form
+      FROM (SELECT s.line / 10000 AS part
+              FROM pg_temp.bulk_sync_stage AS s
+             GROUP BY s.line / 10000
+            HAVING NOT bulk_sync._in_form(string_agg(coalesce(s.action_id, s.doc ->> 'action_id'), ','),
+                                          string_agg(coalesce(s.user_id, s.doc ->> 'user_id'), ','),
+                                          string_agg(coalesce(s.logged_at, s.doc ->> 'logged_at'), ','),
+                                          count(*))) AS g;
 
     -- 1. Every rule of _action_problems on every row: each (line, field, reason) of the first
     -- p_max_problems bad rows.
@@ -32,7 +44,8 @@ BEGIN
                            dense_rank() OVER (ORDER BY s.line) AS nth
                       FROM pg_temp.bulk_sync_stage AS s
                      CROSS JOIN LATERAL bulk_sync._action_problems(s.doc, s.action_id, s.user_id, s.lbs, s.logged_at,
-                                                                   s.verified, s.metadata) AS r) AS q
+                                                                   s.verified, s.metadata,
+                                                                   s.line / 10000 <> ALL (v_out_of_form)) AS r) AS q
              WHERE q.nth <= p_max_problems) AS p;
 
     -- 2. The valid rows, typed (a blank line, all NULL, is no row), each marked known when its action_id
@@ -50,7 +63,8 @@ BEGIN
              WHERE (s.doc, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified, s.metadata) IS DISTINCT FROM
                    (NULL::jsonb, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::text)
                AND (v_invalid = '[]' OR NOT EXISTS (SELECT FROM bulk_sync._action_problems(s.doc, s.action_id,
-                                                    s.user_id, s.lbs, s.logged_at, s.verified, s.metadata)))) AS v
+                                                    s.user_id, s.lbs, s.logged_at, s.verified, s.metadata,
+                                                    s.line / 10000 <> ALL (v_out_of_form))))) AS v
       LEFT JOIN LATERAL bulk_sync._stored_facts(v.action_id, v.user_id, v.lbs, v.logged_at) AS k ON true
      ORDER BY v.user_id;  -- so that a chunk's rows lie together: each chunk reads a few pages, not all
     GET DIAGNOSTICS v_rows = ROW_COUNT;

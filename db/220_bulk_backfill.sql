@@ -20,6 +20,7 @@ DECLARE
     v_verified      bigint;
     v_affected      bigint;
     v_rows          bulk_sync._checked_action[];
+    v_in_form       boolean;
     v_checked       boolean;
     v_staged        boolean := true;
     v_problems      jsonb;
@@ -45,6 +46,10 @@ BEGIN
         END IF;
     END IF;
 
+    -- The forms of the uuids and times, matched for the whole batch at once, spare the rules their
+    -- costliest tests.
+    v_in_form := bulk_sync._actions_in_form(v_actions);
+
     -- Every action valid (the rules, asked of the request as _stage_check asks them of a stage): typed
     -- straight from the request, unstaged. When none is stored (one primary-key lookup each, which waits
     -- for nobody), as in most batches, they are inserted at once, as one chunk of a load would be. An
@@ -53,7 +58,7 @@ BEGIN
     -- another writer stores one of them meanwhile, or deadlocks with it. It is undone, and the load's
     -- rows below settle what really happens.
     v_checked := NOT EXISTS (SELECT FROM jsonb_array_elements(v_actions) AS e(doc)
-                              CROSS JOIN LATERAL bulk_sync._action_problems(e.doc) AS p);
+                              CROSS JOIN LATERAL bulk_sync._action_problems(e.doc, p_in_form => v_in_form) AS p);
     IF v_checked THEN
         SELECT coalesce(array_agg((e.idx - 1, t.action_id, t.user_id, t.lbs, t.logged_at, t.verified,
                                    t.metadata)::bulk_sync._checked_action), '{}'),

@@ -9,6 +9,7 @@ AS $$
 DECLARE
     v_actions      jsonb;
     v_total        integer;
+    v_in_form      boolean;
     v_failed       jsonb;
     v_items        bulk_sync._batch_action[];
     v_results      jsonb;
@@ -20,6 +21,8 @@ BEGIN
     v_total := jsonb_array_length(v_actions);
 
     -- 1. Each invalid action's error, as log_action(jsonb) raises it (_parse_action: the first problem).
+    -- The forms of the uuids and times are matched for the whole batch at once (_actions_in_form).
+    v_in_form := bulk_sync._actions_in_form(v_actions);
     SELECT jsonb_object_agg(e.idx - 1, jsonb_build_object(
                'success', false,
                'action_id', CASE WHEN jsonb_typeof(e.doc) = 'object' THEN e.doc -> 'action_id' END,
@@ -28,7 +31,7 @@ BEGIN
                                            'detail', format('%s: %s', p.field, coalesce(p.value, 'missing')))))
       INTO v_failed
       FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
-     CROSS JOIN LATERAL (SELECT * FROM bulk_sync._action_problems(e.doc) LIMIT 1) AS p;
+     CROSS JOIN LATERAL (SELECT * FROM bulk_sync._action_problems(e.doc, p_in_form => v_in_form) LIMIT 1) AS p;
     v_failed := coalesce(v_failed, '{}');
 
     -- 2. The valid ones, typed, with their 0-based index.

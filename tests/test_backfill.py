@@ -163,6 +163,32 @@ def test_every_bad_row_is_reported_up_to_100(db_url: str, tmp_path: Path) -> Non
     assert counts(db_url) == (0, 0, 0)
 
 
+def test_values_out_of_the_common_forms_are_judged_one_by_one(db_url: str, tmp_path: Path) -> None:
+    """A load matches the uuids and times of 10,000 lines at once against their common forms
+    (_in_form). Two uuids in one field, or a time in its form but in the future, are still bad rows;
+    valid values in other forms, in another group of lines, still load."""
+    user = new_id()
+    rows = [(new_id(), user, "1", logged_at(i), "true") for i in range(10_050)]
+    good = list(rows)
+    rows[3] = (f"{new_id()},{new_id()}", user, "1", logged_at(3), "true")
+    rows[10_010] = (rows[10_010][0], user, "1", "2999-01-01T00:00:00Z", "true")
+    write_csv(tmp_path / "forms.csv", rows)
+
+    error = load_error(db_url, tmp_path / "forms.csv")
+    assert error.exit_code == 2
+    assert [int(d.split()[1]) for d in error.details] == [5, 10_012]
+    assert "action_id is not a valid uuid" in error.details[0]
+    assert "logged_at is more than 5 minutes in the future" in error.details[1]
+    assert counts(db_url) == (0, 0, 0)
+
+    good[3] = (good[3][0].upper(), user, "1", "2025-01-31T10:00:00+01:00", "true")
+    good[10_010] = (good[10_010][0], user.upper(), "1", "2025-02-28 23:59:59.5Z", "true")
+    amount = write_csv(tmp_path / "good.csv", good)
+    assert load(db_url, tmp_path / "good.csv")["inserted_count"] == 10_050
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, amount)
+
+
 @pytest.fixture
 def split_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """Files of any size are cut into parts (``--jobs``), as large ones are."""

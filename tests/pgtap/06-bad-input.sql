@@ -2,7 +2,7 @@
 -- positional log_action and bulk_backfill, plus BS002/BS004/BS006 and NUMERIC(30,6) overflow (22003).
 -- Each case must fail with its SQLSTATE and leave every bulk_sync table exactly as it was.
 BEGIN;
-SELECT plan(350);
+SELECT plan(362);
 
 \ir fixtures/common.sql
 
@@ -198,6 +198,12 @@ INSERT INTO tests.bad_inputs (case_name, sql, sqlstate, names) VALUES
 ('bulk: lbs 10^24 as a number', tests.bulk_sql('lbs', '1000000000000000000000000'), 'BS001', 'lbs'),
 ('bulk: verified a string',     tests.bulk_sql('verified', '"yes"'),               'BS001', 'verified'),
 ('bulk: metadata an array',     tests.bulk_sql('metadata', '["x"]'),               'BS001', 'metadata'),
+-- a batch's uuids and times are first matched together (_in_form): two in one string are still one bad value,
+-- and a time in the common form is still judged on its value
+('bulk: action_id two uuids with a comma', tests.bulk_sql('action_id', '"00000000-0000-4000-8000-0000000000f1,00000000-0000-4000-8000-0000000000f2"'), 'BS001', 'action_id'),
+('bulk: user_id two uuids with a comma', tests.bulk_sql('user_id', '"00000000-0000-4000-8000-000000000005,00000000-0000-4000-8000-000000000006"'), 'BS001', 'user_id'),
+('bulk: logged_at two times with a comma', tests.bulk_sql('logged_at', '"2025-11-05T10:00:00Z,2025-11-05T10:00:00Z"'), 'BS001', 'logged_at'),
+('bulk: logged_at in the common form, in 2999', tests.bulk_sql('logged_at', '"2999-01-01T00:00:00Z"'), 'BS001', 'logged_at'),
 
 -- verify / revoke
 ('revoke: empty reason',        $$SELECT bulk_sync.revoke_action('00000000-0000-4000-8000-0000000000a1', '')$$,   'BS001', 'reason'),

@@ -2,7 +2,7 @@
 -- one transaction, would return, and the ledger ends as it would. Every scenario runs both ways from the
 -- same state (each undone after), and the results (less the call's timestamp) and the state must match.
 BEGIN;
-SELECT plan(41);
+SELECT plan(49);
 
 \ir fixtures/common.sql
 
@@ -133,6 +133,15 @@ SELECT tests.compare('bad items', jsonb_build_object('actions', jsonb_build_arra
 SELECT tests.compare('overflow', jsonb_build_object('actions', jsonb_build_array(
     tests.a('fb', '8', '1'), tests.a('fc', '8', '600000000000000000000000'), tests.a('fd', '8', '2'),
     tests.a('fe', '9', '500000000000000000000000'))));
+-- The uuids and times of a request are first matched all at once (_in_form): two uuids in one string
+-- are still one bad action_id, a time in the common form is still judged on its value, and a valid time
+-- in another form is still accepted.
+SELECT tests.compare('forms', jsonb_build_object('actions', jsonb_build_array(
+    tests.a('e1', '6', '1'),
+    tests.a('e2', '6', '1') || '{"action_id": "00000000-0000-4000-8000-0000000000e2,00000000-0000-4000-8000-0000000000e3"}',
+    tests.a('e4', '6', '1', true, '2999-01-01T00:00:00Z'))));
+SELECT tests.compare('another form', jsonb_build_object('actions', jsonb_build_array(
+    tests.a('e5', '6', '1', true, '2025-11-05T12:00:00+01:00'), tests.a('e6', '6', '1'))));
 SELECT tests.compare('empty', '{"actions": []}');
 
 SELECT is(tests.statuses('new and repeated'), 'inserted,inserted,duplicate,inserted,duplicate', 'new and repeated: the statuses');
@@ -141,6 +150,8 @@ SELECT is(tests.statuses('stored actions'), 'duplicate,duplicate,verified,duplic
 SELECT is(tests.statuses('conflicts'), 'BS002,inserted,BS002,BS002,BS002,duplicate', 'conflicts: the statuses');
 SELECT is(tests.statuses('bad items'), 'BS001,BS001,BS001,inserted,inserted,BS001,BS001', 'bad items: the statuses');
 SELECT is(tests.statuses('overflow'), 'inserted,22003,inserted,22003', 'overflow: the overflowing actions fail alone');
+SELECT is(tests.statuses('forms'), 'inserted,BS001,BS001', 'forms: the statuses');
+SELECT is(tests.statuses('another form'), 'inserted,inserted', 'another form: the statuses');
 SELECT is(tests.statuses('empty'), NULL, 'empty: no results');
 
 -- The heart of it: the same answers and the same ledger as one call per action.

@@ -34,20 +34,22 @@ SELECT cmp_ok((SELECT count(*) FROM pg_proc AS p JOIN pg_language AS l ON l.oid 
                   AND p.proname LIKE '\_%' AND pg_temp.inlined(p.oid)),
               '>=', 12::bigint, 'the per-row helpers are found and inlined');
 
--- The scalar SQL functions that are not inlined: each reads tables, so its body is a query.
+-- The scalar SQL functions that are not inlined: each reads tables, or (_actions_in_form, once a
+-- batch) aggregates, so its body is a query.
 SELECT set_eq(
     $$SELECT p.proname::text
         FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
        WHERE p.pronamespace = 'bulk_sync'::regnamespace AND l.lanname = 'sql' AND NOT p.proretset
          AND NOT pg_temp.inlined(p.oid)$$,
-    ARRAY['_emit_user_events', '_recent_actions', 'leaderboard_json', 'global_total', 'status'],
+    ARRAY['_actions_in_form', '_emit_user_events', '_recent_actions', 'leaderboard_json', 'global_total', 'status'],
     'every scalar SQL function of bulk_sync that is a single expression is inlined');
 
 -- Inlining can also stop one level down: a helper given an argument that is costly to compute (a
 -- cast of another helper's result) and naming its parameter more than once is run as a function of its
 -- own, once per row, even inside a helper that is itself inlined. So the rules, the typing and the
 -- probe run over actions as a load sees them (columns of a table, so nothing is folded into a
--- constant), counting the functions of bulk_sync called once per row or more. (Defaults that are constants are folded
+-- constant), counting the functions of bulk_sync called once per row or more, the rules also as a
+-- batch in its common forms asks them (p_in_form, here a column). (Defaults that are constants are folded
 -- when planning, a call or two each.) _json_object (PL/pgSQL) is called only for a CSV row's metadata,
 -- so these rows have none.
 CREATE TEMP TABLE rows_seen AS
@@ -56,12 +58,14 @@ SELECT jsonb_build_object('action_id', gen_random_uuid(), 'user_id', gen_random_
                           'logged_at', '2025-01-01T00:00:00Z', 'verified', i % 3 = 0) AS doc,
        gen_random_uuid()::text AS action_id, gen_random_uuid()::text AS user_id, (i / 4.0)::text AS lbs,
        '2025-01-01 00:00:00+00'::text AS logged_at, CASE WHEN i % 3 = 0 THEN 'yes' ELSE 'false' END AS verified,
-       ''::text AS metadata
+       ''::text AS metadata, i % 2 = 0 AS in_form
   FROM generate_series(1, 40) AS i;
 SET LOCAL track_functions = 'all';
 SELECT is(
     (SELECT count(*) FROM rows_seen AS s
       CROSS JOIN LATERAL bulk_sync._action_problems(s.doc) AS p)
+  + (SELECT count(*) FROM rows_seen AS s
+      CROSS JOIN LATERAL bulk_sync._action_problems(s.doc, p_in_form => s.in_form) AS p)
   + (SELECT count(*) FROM rows_seen AS s
       CROSS JOIN LATERAL bulk_sync._action_problems(NULL, s.action_id, s.user_id, s.lbs, s.logged_at, s.verified,
                                                     s.metadata) AS p)
