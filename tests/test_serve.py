@@ -511,6 +511,7 @@ def _chunks(size: int) -> Iterator[bytes]:
 JSON = {"Content-Type": "application/json"}
 W, R, A = TOKENS["writer"], TOKENS["reader"], TOKENS["admin"]
 BIG = 6 * 10**23  # two of these overflow NUMERIC(30,6)
+TINY = "1e-20000"  # a JSON number PostgreSQL's numeric cannot hold (too many decimals)
 
 # id, method, path, token, request kwargs (json= is a body sent verbatim), status, code
 STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] = [
@@ -832,6 +833,24 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
         },
         422,
         "BS003",
+    ),
+    (
+        "a number PostgreSQL cannot hold",
+        "POST",
+        "/api/actions/log",
+        W,
+        {"json": json.dumps(action_body())[:-1] + ', "metadata": {"x": 1e200000}}'},
+        400,
+        "BS001",
+    ),
+    (
+        "an amount PostgreSQL cannot hold",
+        "POST",
+        "/api/actions/bulk_backfill",
+        W,
+        {"json": json.dumps({"actions": [{**action_body(), "lbs": "@"}]}).replace('"@"', TINY)},
+        400,
+        "BS001",
     ),
     (
         "a total over NUMERIC(30,6)",

@@ -226,12 +226,16 @@ def database_error(exc: psycopg.Error | PoolTimeout) -> ApiError:
     state = getattr(exc, "sqlstate", None) or ""
     if isinstance(exc, PoolTimeout) or (isinstance(exc, psycopg.OperationalError) and not state):
         return unavailable("the database cannot be reached")
+    diag = exc.diag
+    if state == "22003" and not diag.context:
+        # Raised outside every function: the body's cast to jsonb met a number PostgreSQL cannot
+        # hold. Bad input, not a total that would overflow.
+        state = "22"
     status = STATUS_BY_SQLSTATE.get(state) or STATUS_BY_SQLSTATE.get(state[:2]) or 500
     if state.startswith("BS") or state in CONTRACT_CODES:
         code = state
     else:
         code = CODE_BY_STATUS.get(status, "internal")
-    diag = exc.diag
     message = diag.message_primary or str(exc).strip() or type(exc).__name__
     hint = diag.message_hint
     if state in ("3F000", "42883", "42P01"):
