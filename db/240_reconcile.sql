@@ -36,8 +36,9 @@ BEGIN
         WHEN 'string' THEN v_performed_by := nullif(btrim(v_request ->> 'performed_by'), '');
         ELSE v_performed_by := NULL;
     END CASE;
-    IF v_performed_by IS NULL THEN
-        RAISE EXCEPTION 'reconcile: performed_by must be a non-empty string'
+    -- Bounded, because the run's notification carries it and NOTIFY takes at most 8000 bytes.
+    IF v_performed_by IS NULL OR length(v_performed_by) > 200 THEN
+        RAISE EXCEPTION 'reconcile: performed_by must be a non-empty string of at most 200 characters'
             USING ERRCODE = 'BS001', DETAIL = format('performed_by: %s', v_request -> 'performed_by');
     END IF;
     CASE coalesce(jsonb_typeof(v_request -> 'auto_correct'), 'null')

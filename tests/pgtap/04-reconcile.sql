@@ -2,7 +2,7 @@
 -- per-user drift, audits each fix in emissions_corrections with its run, and changes nothing when
 -- auto_correct is false.
 BEGIN;
-SELECT plan(84);
+SELECT plan(87);
 
 \ir fixtures/common.sql
 
@@ -274,9 +274,16 @@ SELECT is(bulk_sync._ops_payload(tests.r('fresh'), 'recent_actions', NULL), test
 
 ------------------------------------------------------------------------------------------------------
 -- bad requests
+SELECT lives_ok($$SELECT bulk_sync.reconcile(jsonb_build_object('performed_by', repeat('x', 200)))$$,
+    'a performed_by of 200 characters is taken');
+SELECT is((SELECT r.performed_by FROM bulk_sync.reconciliation_runs AS r ORDER BY r.started_at DESC LIMIT 1),
+          repeat('x', 200), 'and recorded whole');
 SELECT tests.mark('before bad requests');
 SELECT throws_ok($$SELECT bulk_sync.reconcile('{"auto_corect": false}')$$, 'BS001', NULL, 'an unknown key is BS001');
 SELECT throws_ok($$SELECT bulk_sync.reconcile('{"auto_correct": "no"}')$$, 'BS001', NULL, 'auto_correct not a boolean is BS001');
+SELECT throws_ok($$SELECT bulk_sync.reconcile(jsonb_build_object('performed_by', repeat('x', 7700)))$$, 'BS001',
+    'reconcile: performed_by must be a non-empty string of at most 200 characters',
+    'a performed_by too long for the notification is BS001, named');
 SELECT is(tests.fingerprint(), tests.fp('before bad requests'), 'bad requests change nothing');
 
 SELECT * FROM finish();
