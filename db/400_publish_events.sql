@@ -1,4 +1,4 @@
--- publish_events: numbers outbox events in commit order and wakes listeners once per batch.
+-- publish_events: numbers committed outbox events, oldest written first, and wakes listeners once per batch.
 -- Only one publisher at a time (advisory lock held to commit), so event ids never go backwards.
 CREATE OR REPLACE FUNCTION bulk_sync.publish_events(p_max integer DEFAULT 10000, p_wait boolean DEFAULT false)
 RETURNS integer
@@ -66,4 +66,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.publish_events(integer, boolean) IS
-    'Numbers pending events in commit order, each writing statement''s events together, until p_max are numbered (more when one statement wrote more), and sends one bulk_sync_leaderboard notification; returns how many it published. When another session is publishing it returns 0 at once, or with p_wait waits for it. Run by bulk-sync worker and by events_since.';
+    'Numbers committed pending events, oldest written first, each writing statement''s events together, until p_max are numbered (more when one statement wrote more), and sends one bulk_sync_leaderboard notification; returns how many it published. When another session is publishing it returns 0 at once, or with p_wait waits for it. Run by bulk-sync worker and by events_since.';
