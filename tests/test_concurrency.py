@@ -574,6 +574,17 @@ def _wait_on_lock(db_url: str, pid: int, what: str) -> None:
         )
 
 
+def _commit_under(db_url: str, writer: psycopg.Connection, pid: int, call: Any, name: str) -> None:
+    """Run ``call`` in a thread until its backend ``pid`` waits for a lock that ``writer``'s open
+    transaction holds, then commit ``writer`` and let ``call`` finish."""
+    thread = threading.Thread(target=call)
+    thread.start()
+    _wait_on_lock(db_url, pid, f"{name} to wait on the uncommitted action")
+    writer.commit()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), f"{name} hung"
+
+
 def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: str) -> None:
     """log_actions' one statement meets a new action that another transaction is inserting.
 
@@ -601,12 +612,7 @@ def test_log_actions_answers_an_action_another_writer_stores_meanwhile(db_url: s
             except BaseException as exc:
                 errors.append(exc)
 
-        thread = threading.Thread(target=call_batch)
-        thread.start()
-        _wait_on_lock(db_url, batch_pid, "log_actions to wait on the uncommitted action")
-        writer.commit()
-        thread.join(timeout=60)
-        assert not thread.is_alive(), "log_actions hung"
+        _commit_under(db_url, writer, batch_pid, call_batch, "log_actions")
     if errors:
         raise errors[0]
 
@@ -661,12 +667,7 @@ def test_bulk_backfill_finds_an_action_another_writer_stores_meanwhile(
             except psycopg.Error as exc:
                 outcome.append(exc)
 
-        thread = threading.Thread(target=call_batch)
-        thread.start()
-        _wait_on_lock(db_url, batch_pid, "bulk_backfill to wait on the uncommitted action")
-        writer.commit()
-        thread.join(timeout=60)
-        assert not thread.is_alive(), "bulk_backfill hung"
+        _commit_under(db_url, writer, batch_pid, call_batch, "bulk_backfill")
 
     (result,) = outcome
     with connect(db_url) as conn:
