@@ -249,7 +249,7 @@ def log(
     default=DEFAULT_JOBS,
     show_default=True,
     help="Database sessions that stage and check a large CSV or NDJSON file at once, "
-    "one part each.",
+    "one part each, and then apply its chunks side by side.",
 )
 @click.pass_context
 def backfill_command(
