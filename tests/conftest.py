@@ -460,11 +460,14 @@ def make_db(
     """Factory for extra databases, dropped (WITH FORCE) at teardown.
 
     make_db() clones bulk_sync_template; make_db(template=None) is an empty
-    database (for testing migrate itself); owner= makes another role own it.
+    database (for testing migrate itself); owner= makes another role own it; encoding= (with
+    template="template0") gives it another encoding.
     """
     created: list[str] = []
 
-    def factory(template: str | None = TEMPLATE_DB, owner: str | None = None) -> str:
+    def factory(
+        template: str | None = TEMPLATE_DB, owner: str | None = None, encoding: str | None = None
+    ) -> str:
         if template == TEMPLATE_DB:
             request.getfixturevalue("template_url")
         name = _db_name(request.node.name)
@@ -473,6 +476,10 @@ def make_db(
             stmt += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
         if owner is not None:
             stmt += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        if encoding is not None:  # with template="template0", the only one that allows it
+            stmt += sql.SQL(" ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C'").format(
+                sql.Literal(encoding)
+            )
         with connect(admin_url) as admin:
             admin.execute(stmt)
         created.append(name)

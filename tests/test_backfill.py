@@ -299,6 +299,72 @@ def test_a_csv_is_cut_only_between_records(db_url: str, tmp_path: Path) -> None:
     assert stored == {r[0]: {"note": f'said "{r[2]}"\nand then\n"more"'} for r in rows}
 
 
+def test_text_arrives_as_the_file_has_it_in_a_database_of_another_encoding(
+    make_db: Any, tmp_path: Path
+) -> None:
+    """A LATIN1 database: the CSV and NDJSON bytes COPY sends are UTF-8, and their text is stored
+    as written. A character LATIN1 cannot hold is refused, naming its line, and nothing changes."""
+    from bulk_sync.migrate import migrate
+
+    url = make_db(template="template0", encoding="LATIN1")
+    migrate(url)
+    user = new_id()
+    csv_row = (new_id(), user, "1.250000", logged_at(0), "true")
+    path = tmp_path / "latin1.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["action_id", "user_id", "lbs", "logged_at", "verified", "metadata"])
+        writer.writerow([*csv_row, json.dumps({"note": "café"}, ensure_ascii=False)])
+    ndjson_id = new_id()
+    ndjson = tmp_path / "latin1.ndjson"
+    ndjson.write_text(
+        json.dumps(
+            {
+                "action_id": ndjson_id,
+                "user_id": user,
+                "lbs": "2.5",
+                "logged_at": logged_at(1),
+                "verified": True,
+                "metadata": {"note": "crème brûlée"},
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    assert load(url, path)["inserted_count"] == 1
+    assert load(url, ndjson)["inserted_count"] == 1
+    with connect(url) as conn:
+        assert_exact_totals(conn, Decimal("3.75"))
+        stored = dict(
+            conn.execute("SELECT action_id::text, metadata ->> 'note' FROM bulk_sync.user_actions")
+        )
+    assert stored == {csv_row[0]: "café", ndjson_id: "crème brûlée"}
+
+    before = counts(url)
+    euro = tmp_path / "euro.ndjson"
+    euro.write_text(
+        json.dumps(
+            {
+                "action_id": new_id(),
+                "user_id": user,
+                "lbs": "1",
+                "logged_at": logged_at(2),
+                "verified": True,
+                "metadata": {"note": "5 €"},
+            },
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    error = load_error(url, euro)
+    assert error.exit_code == 2, error.message
+    assert "line 1" in error.message, error.message
+    assert "LATIN1" in error.message, error.message
+    assert counts(url) == before
+
+
 def test_chunks_are_whole_users_with_one_event_each_and_a_rerun_changes_nothing(
     db_url: str, tmp_path: Path
 ) -> None:

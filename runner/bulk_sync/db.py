@@ -41,8 +41,13 @@ def resolve_url(database_url: str | None = None) -> str:
 
 
 def connect(database_url: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection:
-    """Open a psycopg connection; a connection failure becomes a ``CliError`` (exit 3)."""
+    """Open a psycopg connection; a connection failure becomes a ``CliError`` (exit 3).
+
+    The session speaks UTF-8 whatever the database's encoding: files are read as UTF-8 and COPY
+    sends their bytes as they are, so PostgreSQL converts them, and refuses (22P05) a character
+    the database cannot hold."""
     kwargs.setdefault("application_name", APP_NAME)
+    kwargs.setdefault("client_encoding", "UTF8")
     try:
         return psycopg.connect(database_url, autocommit=autocommit, **kwargs)
     except psycopg.OperationalError as exc:
