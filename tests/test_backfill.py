@@ -525,6 +525,35 @@ def test_ctrl_c_stops_a_load_between_chunks_and_a_rerun_completes_it(
         assert_exact_totals(conn, expected)
 
 
+def test_a_chunk_past_the_bound_stops_the_load_without_promising_a_rerun(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Each row is in range, but one user's rows sum past NUMERIC(30,6): their chunk fails with
+    22003 after the first user's chunk committed. The message says what committed and that the
+    same command would fail the same way, which a rerun shows."""
+    first, big = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
+    half = "600000000000000000000000"
+    path = tmp_path / "bound.csv"
+    write_csv(
+        path,
+        [
+            (new_id(), first, "1.5", logged_at(0), "true"),
+            (new_id(), big, half, logged_at(1), "true"),
+            (new_id(), big, half, logged_at(2), "true"),
+        ],
+    )
+    for _ in range(2):
+        error = load_error(db_url, path, batch_size=1, jobs=1)
+        assert error.exit_code == 2, error.message
+        assert error.message.startswith("chunk 2 of 2: "), error.message
+        assert "(1 of 2 chunks committed; the committed chunks stand, and a rerun would fail" in (
+            error.message
+        ), error.message
+        assert "run the same command again" not in error.message, error.message
+        with connect(db_url) as conn:
+            assert_exact_totals(conn, Decimal("1.5"))
+
+
 @pytest.mark.parametrize(
     "ddl",
     [

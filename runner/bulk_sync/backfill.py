@@ -849,8 +849,13 @@ def _chunk_error(exc: psycopg.Error, number: int, total: int, committed: int) ->
     """An error while applying: say how many chunks committed, so that a rerun is clearly safe."""
     done = f"{committed} of {total} chunks committed" if committed else "no chunk committed"
     error = to_cli_error(exc, prefix=f"chunk {number} of {total}: ")
-    if getattr(exc, "sqlstate", None) == "BS003":  # the same command would meet the same key
+    state = getattr(exc, "sqlstate", None) or ""
+    if state == "BS003":  # the same command would meet the same key
         error.message += f" ({done}; the key is another load's: pass another --idempotency-key)"
+    elif state.startswith("22"):  # a value the database refuses, such as a total past the bound
+        error.message += (
+            f" ({done}; the committed chunks stand, and a rerun would fail the same way)"
+        )
     else:
         error.message += f" ({done}; run the same command again to finish the load)"
     return error
