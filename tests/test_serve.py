@@ -406,6 +406,34 @@ def test_bodies_postgresql_reads_are_not_refused_by_the_server(
     assert assert_error(deep, 400, "BS001")["message"] == "the body is nested too deeply to read"
 
 
+def test_text_in_a_database_of_another_encoding_is_stored_or_refused_as_bad_input(
+    make_db: Callable[..., str], start_server: Callable[..., Server]
+) -> None:
+    """A LATIN1 database: metadata LATIN1 holds is stored as sent; a character it cannot hold is
+    the client's bad input (400 BS001, naming the encoding), never a 500, and changes nothing."""
+    from bulk_sync.migrate import migrate
+
+    url = make_db(template="template0", encoding="LATIN1")
+    migrate(url)
+    api = start_server(url).api
+    kept = new_id()
+    accented = api.post(
+        "/api/actions/log",
+        json.dumps({**action_body(kept), "metadata": {"n": "café"}}, ensure_ascii=False),
+    )
+    assert accented.status_code == 200, accented.text
+    euro = api.post(
+        "/api/actions/log",
+        json.dumps({**action_body(), "metadata": {"n": "5 €"}}, ensure_ascii=False),
+    )
+    assert "LATIN1" in assert_error(euro, 400, "BS001")["message"]
+    with connect(url) as conn:
+        stored = conn.execute(
+            "SELECT action_id::text, metadata ->> 'n' FROM bulk_sync.user_actions"
+        ).fetchall()
+    assert stored == [(kept, "café")]
+
+
 def test_idempotency_key_header_stands_in_for_a_null_key(
     db_url: str, start_server: Callable[..., Server]
 ) -> None:

@@ -1130,7 +1130,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.database_url,
             min_size=min(2, settings.pool_size),
             max_size=settings.pool_size,
-            kwargs={"autocommit": True, "application_name": f"{APP_NAME} serve"},
+            # UTF-8 whatever the database's encoding: PostgreSQL converts a body's text and
+            # refuses (22P05, bad input) a character the database cannot hold.
+            kwargs={
+                "autocommit": True,
+                "application_name": f"{APP_NAME} serve",
+                "client_encoding": "UTF8",
+            },
             timeout=POOL_TIMEOUT_S,
             check=closed_by_server,
             open=False,
