@@ -15,6 +15,7 @@ DECLARE
     v_rows      bigint;
     v_repeated  uuid[];
     v_bounds    uuid[];
+    v_gain      numeric;
 BEGIN
     PERFORM bulk_sync._load_held(p_load);
     IF p_chunk_rows < 1 OR p_max_problems IS NULL OR p_max_problems < 1 OR jsonb_typeof(p_problems) IS DISTINCT FROM 'array' THEN
@@ -95,11 +96,29 @@ BEGIN
     -- Chunks of whole users, in user_id order, of about p_chunk_rows rows each (NULL: one chunk).
     -- Chunk i covers chunks[i] <= user_id < chunks[i + 1]; the last one has no upper bound.
     IF p_chunk_rows IS NOT NULL THEN
-        SELECT array_agg(c.user_id ORDER BY c.user_id) INTO v_bounds
-          FROM (SELECT g.user_id, g.chunk, lag(g.chunk) OVER (ORDER BY g.user_id) AS previous
-                  FROM (SELECT u.user_id, ((sum(u.n) OVER (ORDER BY u.user_id))::bigint - u.n) / p_chunk_rows AS chunk
-                          FROM (SELECT l.user_id, count(*) AS n FROM bulk_sync._load_rows AS l WHERE l.load = p_load GROUP BY l.user_id) AS u) AS g) AS c
-         WHERE c.previous IS DISTINCT FROM c.chunk;
+        -- Chunks commit one by one, so a total the load would take past NUMERIC(30,6) must fail it
+        -- here, before anything is applied. Totals are never negative, so the global total bounds
+        -- every user's: checking it with the load's gain (the counted amounts it adds) is enough.
+        WITH u AS MATERIALIZED (
+            SELECT l.user_id, count(*) AS n,
+                   coalesce(sum(l.lbs) FILTER (WHERE l.verified AND (NOT l.known OR l.pending)), 0) AS gain
+              FROM bulk_sync._load_rows AS l
+             WHERE l.load = p_load
+             GROUP BY l.user_id
+        ), c AS (
+            SELECT g.user_id, g.chunk, lag(g.chunk) OVER (ORDER BY g.user_id) AS previous
+              FROM (SELECT u.user_id, ((sum(u.n) OVER (ORDER BY u.user_id))::bigint - u.n) / p_chunk_rows AS chunk
+                      FROM u) AS g
+        )
+        SELECT (SELECT array_agg(c.user_id ORDER BY c.user_id) FROM c WHERE c.previous IS DISTINCT FROM c.chunk),
+               (SELECT sum(u.gain) FROM u)
+          INTO v_bounds, v_gain;
+
+        IF bulk_sync._current_global_total() + v_gain >= 1e24 THEN
+            RAISE EXCEPTION 'the load would take the global total past NUMERIC(30,6); nothing was applied'
+                USING ERRCODE = '22003',
+                      DETAIL = format('global total %s, the load adds %s', bulk_sync._current_global_total(), v_gain);
+        END IF;
     END IF;
     RETURN jsonb_build_object('rows', v_rows, 'problems', v_problems, 'chunks', to_jsonb(coalesce(v_bounds, '{}')),
                               'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));

@@ -525,33 +525,94 @@ def test_ctrl_c_stops_a_load_between_chunks_and_a_rerun_completes_it(
         assert_exact_totals(conn, expected)
 
 
+HALF_THE_BOUND = "600000000000000000000000"  # two of these take a total past NUMERIC(30,6)
+
+
+def test_a_file_that_would_take_a_total_past_the_bound_is_refused_whole(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Each row is in range, but one user's rows, or all users' rows, sum past NUMERIC(30,6):
+    chunks commit one by one, so the check refuses the file (22003, exit 2) before any applies.
+    The global total bounds every user's, so it is the one named."""
+    first, big = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
+    one_user = tmp_path / "one_user.csv"
+    write_csv(
+        one_user,
+        [
+            (new_id(), first, "1.5", logged_at(0), "true"),
+            (new_id(), big, HALF_THE_BOUND, logged_at(1), "true"),
+            (new_id(), big, HALF_THE_BOUND, logged_at(2), "true"),
+        ],
+    )
+    all_users = tmp_path / "all_users.csv"
+    write_csv(
+        all_users, [(new_id(), new_id(), HALF_THE_BOUND, logged_at(i), "true") for i in range(2)]
+    )
+    for path in (one_user, all_users):
+        done = subprocess.run(
+            cli_command(db_url, "backfill", str(path), "--batch-size", "1", "--jobs", "1"),
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "the load would take the global total past NUMERIC(30,6); nothing was applied" in (
+            done.stderr
+        ), done.stderr
+        assert counts(db_url) == (0, 0, 0)
+
+
 def test_a_chunk_past_the_bound_stops_the_load_without_promising_a_rerun(
     db_url: str, tmp_path: Path
 ) -> None:
-    """Each row is in range, but one user's rows sum past NUMERIC(30,6): their chunk fails with
-    22003 after the first user's chunk committed. The message says what committed and that the
-    same command would fail the same way, which a rerun shows."""
+    """A writer adds to a user's total after the check and before that user's chunk applies, which
+    then fails with 22003 after the first chunk committed. The message says what committed and
+    that the same command would fail the same way, which a rerun shows."""
     first, big = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
-    half = "600000000000000000000000"
     path = tmp_path / "bound.csv"
     write_csv(
         path,
         [
             (new_id(), first, "1.5", logged_at(0), "true"),
-            (new_id(), big, half, logged_at(1), "true"),
-            (new_id(), big, half, logged_at(2), "true"),
+            (new_id(), big, HALF_THE_BOUND, logged_at(1), "true"),
         ],
     )
-    for _ in range(2):
-        error = load_error(db_url, path, batch_size=1, jobs=1)
-        assert error.exit_code == 2, error.message
-        assert error.message.startswith("chunk 2 of 2: "), error.message
-        assert "(1 of 2 chunks committed; the committed chunks stand, and a rerun would fail" in (
-            error.message
-        ), error.message
-        assert "run the same command again" not in error.message, error.message
-        with connect(db_url) as conn:
-            assert_exact_totals(conn, Decimal("1.5"))
+    outcome: dict[str, CliError] = {}
+
+    def run() -> None:
+        outcome["error"] = load_error(db_url, path, batch_size=1, jobs=1)
+
+    with connect(db_url, autocommit=False) as writer:
+        # Holds the user's row until it commits: the second chunk waits for it.
+        log_action(
+            writer,
+            {
+                "action_id": new_id(),
+                "user_id": big,
+                "lbs": HALF_THE_BOUND,
+                "logged_at": logged_at(3),
+                "verified": True,
+            },
+        )
+        loader = threading.Thread(target=run)
+        loader.start()
+        wait_for(lambda: counts(db_url)[0] == 1, timeout=60, what="the first chunk to commit")
+        writer.commit()
+    loader.join(timeout=120)
+    assert not loader.is_alive()
+    error = outcome["error"]
+    assert error.exit_code == 2, error.message
+    assert error.message.startswith("chunk 2 of 2: "), error.message
+    assert "(1 of 2 chunks committed; the committed chunks stand, and a rerun would fail" in (
+        error.message
+    ), error.message
+    assert "run the same command again" not in error.message, error.message
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange, match="nothing was applied"):
+        load(db_url, path, batch_size=1, jobs=1)  # the rerun: refused whole by the check
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, Decimal("1.5") + Decimal(HALF_THE_BOUND))
 
 
 @pytest.mark.parametrize(
