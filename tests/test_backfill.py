@@ -931,3 +931,53 @@ def test_lines_longer_than_many_blocks_are_sent_whole_and_numbered() -> None:
     with pytest.raises(CliError) as caught:
         blocks_of(marker)
     assert caught.value.message == "line 4: a line holding only \\. is not allowed"
+
+
+def test_integers_past_pythons_digit_limit_are_judged_and_stored_exactly(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Python converts an integer of more than 4,300 digits to or from text only with its limit
+    lifted (the JSON parser crashed the runner on one): an amount that large is a BS001 for its
+    element, and one in metadata, as from `log --metadata`, is valid JSON stored as it is."""
+    huge, nines = "1" + "0" * 5000, "9" * 4301
+
+    def doc(action_id: str, lbs: str, metadata: str) -> str:
+        return (
+            f'{{"action_id": "{action_id}", "user_id": "{new_id()}", "lbs": {lbs},'
+            f' "logged_at": "{logged_at(0)}", "verified": true, "metadata": {metadata}}}'
+        )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli_command(db_url, *args), capture_output=True, text=True, env=cli_env(), check=False
+        )
+
+    bad = tmp_path / "amount.json"
+    bad.write_text(f"[{doc(new_id(), '1', '{}')}, {doc(new_id(), huge, '{}')}]")
+    result = run("backfill", str(bad))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bulk-sync: element 2 (action_id "), result.stderr
+    assert "): BS001: lbs must be below 10^24" in result.stderr
+    assert counts(db_url) == (0, 0, 0)
+
+    stored = new_id()
+    good = tmp_path / "metadata.json"
+    metadata = f'{{"n": {nines}, "d": -1.50e-3, "z": 0.10}}'
+    good.write_text(f"[{doc(stored, '1', metadata)}]")
+    result = run("backfill", str(good))
+    assert result.returncode == 0, result.stderr
+    logged = new_id()
+    result = run(
+        "log",
+        *("--action-id", logged, "--user-id", new_id(), "--lbs", "1"),
+        *("--logged-at", logged_at(1), "--metadata", f'{{"n": -{nines}}}'),
+    )
+    assert result.returncode == 0, result.stderr
+    with connect(db_url) as conn:
+        found = dict(
+            conn.execute(
+                "SELECT action_id::text, array[metadata ->> 'n', metadata ->> 'd',"
+                " metadata ->> 'z'] FROM bulk_sync.user_actions"
+            ).fetchall()
+        )
+    assert found == {stored: [nines, "-0.00150", "0.10"], logged: [f"-{nines}", None, None]}

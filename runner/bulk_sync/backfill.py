@@ -331,6 +331,8 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
     ordinal = 0  # elements begun so far: the one being read is element ``ordinal``
     inside = False  # within element ``ordinal``, not between two elements
     found = closed = False
+    # Integers come as int: one longer than Python's digit limit crashes the parser, so the CLI
+    # lifts the limit before a load (cli._exact_integers).
     events = ijson.parse(_SurrogateCheck(stream), use_float=False)
     try:
         for prefix, event, value in events:

@@ -116,6 +116,14 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
+def _exact_integers() -> None:
+    """Let this process read and write integers of any length as JSON text: a file's or
+    ``--metadata``'s JSON may hold one of more than the 4,300 digits Python converts by default
+    (the JSON parser of ``backfill`` crashes on one). The SQL judges an amount that large, and
+    metadata stores it as it is. The limit is the whole process's: ``serve`` keeps it."""
+    sys.set_int_max_str_digits(0)
+
+
 def _print_json(value: Any, *, compact: bool = False) -> None:
     click.echo(dumps(value, indent=None if compact else 2))
 
@@ -219,6 +227,7 @@ def log(
     if verified:
         request["verified"] = True
     if metadata is not None:
+        _exact_integers()
         try:
             request["metadata"] = loads(metadata)
         except ValueError as exc:
@@ -266,6 +275,7 @@ def backfill_command(
     bad row (up to 100) is reported with its line number. It is then applied in chunks of whole
     users, each committed on its own; a failed or interrupted run can simply be run again.
     """
+    _exact_integers()
     summary = backfill(
         _settings(ctx).url(),
         file,
