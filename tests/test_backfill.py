@@ -26,6 +26,7 @@ from bulk_sync import backfill as backfill_module
 from bulk_sync.backfill import backfill
 from bulk_sync.errors import CliError
 from helpers import (
+    action,
     amount,
     assert_exact_totals,
     cli_command,
@@ -981,3 +982,41 @@ def test_integers_past_pythons_digit_limit_are_judged_and_stored_exactly(
             ).fetchall()
         )
     assert found == {stored: [nines, "-0.00150", "0.10"], logged: [f"-{nines}", None, None]}
+
+
+def test_a_surrogate_pair_is_judged_whole_wherever_the_reads_cut_it() -> None:
+    """Python writes an emoji as the pair of escapes \\ud83d\\ude00: a read that ends between or
+    inside its halves leaves the check nothing wrong to see, whatever the size of the reads, while
+    a lone half is refused wherever it falls, the last bytes of the file included. A run of
+    backslashes longer than the bytes kept from a read still escapes (or not) what follows it."""
+
+    def check(data: bytes, size: int) -> None:
+        reader = backfill_module._SurrogateCheck(io.BufferedReader(io.BytesIO(data)))
+        while reader.read(size):
+            pass
+
+    escaped = b"\\\\" * 40  # 40 backslashes as text
+    valid = [b'"\\ud83d\\ude00 x \\ud83d\\ude00\\ud83d\\ude00"', escaped + b"ud800 " + escaped]
+    lone = [b'"\\ud83d x"', b'"x \\ud83d"', b"\\ude00", b'"\\ude00\\ud83d"', escaped + b"\\ud800"]
+    for size in range(1, 100):
+        for data in valid:
+            check(data, size)
+        for data in lone:
+            with pytest.raises(CliError, match="surrogate pair, with no other half"):
+                check(data, size)
+
+
+def test_a_json_file_whose_reads_cut_surrogate_pairs_loads_as_it_is(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A note of 20,000 emoji written by json.dumps spans several 64 KiB reads: some of them end
+    between the two escapes of a pair. The file loads, and the note is stored as it was written."""
+    note = "\U0001f600" * 20_000
+    action_id = new_id()
+    element = action(action_id, new_id(), "1", logged_at(0))
+    path = tmp_path / "emoji.json"
+    path.write_text(json.dumps([{**element, "metadata": {"note": note}}]), encoding="ascii")
+    assert load(db_url, path)["inserted_count"] == 1
+    with connect(db_url) as conn:
+        stored = conn.execute("SELECT metadata ->> 'note' FROM bulk_sync.user_actions").fetchone()
+    assert stored == (note,)

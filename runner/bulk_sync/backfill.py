@@ -296,28 +296,72 @@ _LONE_SURROGATE = re.compile(
 
 
 class _SurrogateCheck:
-    """A stream read through, refusing a lone surrogate escape (see ``_LONE_SURROGATE``)."""
+    """A stream read through, refusing a lone surrogate escape (see ``_LONE_SURROGATE``).
 
-    OVERLAP = 64  # bytes of the previous read scanned again: an escape cut in two is still seen
+    Each read is scanned with the last bytes of the one before it, so an escape cut in two by a
+    read is seen whole. A high half in the last bytes of a read may have its low half in the next:
+    it is held back, and judged (and passed on) with the next read or at the end of the stream."""
+
+    OVERLAP = 64  # bytes of the previous read scanned again: more than a pair and what precedes it
+    PAIR_HALF = 6  # len(rb"\udc00"): the bytes a high half needs after it to be judged
 
     def __init__(self, stream: io.BufferedReader) -> None:
         self.stream = stream
-        self.tail = b""
+        self.tail = b""  # the last bytes passed on
         self.offset = 0  # of ``tail`` in the stream
+        # The bytes before ``tail`` end in an odd run of backslashes: its first byte is escaped.
+        self.escaped = False
+        self.held = b""  # bytes read, not passed on yet
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        scanned = self.tail + data
-        found = _LONE_SURROGATE.search(scanned) if rb"\u" in scanned else None
-        if found:
-            escape = "\\" + found.group().lstrip(b"\\").decode()
-            raise InputError(
-                f"byte {self.offset + found.start()}: invalid JSON: {escape} is half of a UTF-16"
-                " surrogate pair, with no other half"
-            )
-        self.tail = scanned[-self.OVERLAP :]
-        self.offset += len(scanned) - len(self.tail)
-        return data
+        if size == 0:
+            return b""
+        data = self.held
+        while True:
+            more = self.stream.read(size)
+            data += more
+            scanned = self._lead() + self.tail + data
+            judged = len(scanned) - len(data)
+            passed = len(data)
+            found = self._lone(scanned, judged) if rb"\u" in scanned else None
+            if found:
+                if not more or found.end() + self.PAIR_HALF <= len(scanned):
+                    escape = "\\" + found.group().lstrip(b"\\").decode()
+                    at = self.offset + found.end() - len(self._lead()) - self.PAIR_HALF
+                    raise InputError(
+                        f"byte {at}: invalid JSON: {escape} is half of a UTF-16 surrogate pair,"
+                        " with no other half"
+                    )
+                passed = max(found.start() - judged, 0)
+            if passed or not more:
+                break
+        out, self.held = data[:passed], data[passed:]
+        self._pass(out)
+        return out
+
+    @staticmethod
+    def _lone(scanned: bytes, judged: int) -> re.Match[bytes] | None:
+        """The first lone surrogate escape that ends past byte ``judged``: those before it were
+        judged by an earlier read, with the bytes before them that ``scanned`` may have cut off."""
+        for found in _LONE_SURROGATE.finditer(scanned):
+            if found.end() > judged:
+                return found
+        return None
+
+    def _lead(self) -> bytes:
+        return b"\\" if self.escaped else b""
+
+    def _pass(self, out: bytes) -> None:
+        """Keep the last OVERLAP bytes passed on, to scan again with the next read."""
+        scanned = self.tail + out
+        cut = max(len(scanned) - self.OVERLAP, 0)
+        if cut and scanned[cut - 1] == 0x5C:  # a run of backslashes goes on into the new tail
+            run = cut - len(scanned[:cut].rstrip(b"\\"))
+            self.escaped = (run % 2 == 1) != (run == cut and self.escaped)
+        elif cut:
+            self.escaped = False
+        self.tail = scanned[cut:]
+        self.offset += cut
 
 
 def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
