@@ -899,8 +899,9 @@ def blocks_of(data: bytes) -> tuple[list[bytes], backfill_module.Staged]:
 
 def test_lines_longer_than_many_blocks_are_sent_whole_and_numbered() -> None:
     """The file is sent in blocks of whole lines: a line several blocks long (a big metadata
-    object, say) is sent once and whole, blank lines are dropped but still counted, and a line
-    holding only `\\.` after long lines is refused by its own line number."""
+    object, say) is sent once and whole, the last one with or without its ending as in the file,
+    blank lines are dropped but still counted, and a line holding only `\\.` after long lines is
+    refused by its own line number."""
     block = backfill_module.BLOCK
     lines = [
         b"short 1",
@@ -917,14 +918,14 @@ def test_lines_longer_than_many_blocks_are_sent_whole_and_numbered() -> None:
     ]
     data = b"\n".join(lines)
     sent, staged = blocks_of(data)
-    assert all(piece and piece.endswith(b"\n") for piece in sent)
+    assert all(piece and piece.endswith(b"\n") for piece in sent[:-1])
     kept = [(number, line) for number, line in enumerate(lines, start=1) if line.strip(b" \t")]
-    assert b"".join(sent) == b"".join(line + b"\n" for _, line in kept)
+    assert b"".join(sent) == b"\n".join(line for _, line in kept)
     # Each staged row maps back to its own line of the file, blank lines skipped.
     assert [staged.line_of(row) for row in range(1, len(kept) + 1)] == [n for n, _ in kept]
 
     # One long line and nothing else, with and without its newline.
-    assert blocks_of(b"f" * (7 * block + 5))[0] == [b"f" * (7 * block + 5) + b"\n"]
+    assert blocks_of(b"f" * (7 * block + 5))[0] == [b"f" * (7 * block + 5)]
     assert b"".join(blocks_of(b"g" * (7 * block) + b"\n")[0]) == b"g" * (7 * block) + b"\n"
     assert blocks_of(b"")[0] == []
 
@@ -1020,3 +1021,25 @@ def test_a_json_file_whose_reads_cut_surrogate_pairs_loads_as_it_is(
     with connect(db_url) as conn:
         stored = conn.execute("SELECT metadata ->> 'note' FROM bulk_sync.user_actions").fetchone()
     assert stored == (note,)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_a_crlf_file_loads_with_or_without_a_line_ending_after_its_last_line(
+    db_url: str, tmp_path: Path, fmt: str
+) -> None:
+    """COPY takes the line ending of a file's first line for all of them: the last line, when
+    nothing ends it, is ended as the others are (CRLF), so the file loads as with its ending."""
+    user = new_id()
+    rows = [(new_id(), user, f"1.{i}", logged_at(i), "true") for i in range(3)]
+    if fmt == "csv":
+        lines = ["action_id,user_id,lbs,logged_at,verified"] + [",".join(row) for row in rows]
+    else:
+        lines = [json.dumps(action(row[0], row[1], row[2], row[3], verified=True)) for row in rows]
+    for number, ending in enumerate(("", "\r\n")):
+        path = tmp_path / f"crlf-{number}.{fmt}"
+        path.write_bytes(("\r\n".join(lines) + ending).encode())
+        summary = load(db_url, path)
+        assert summary["rows"] == 3, ending
+        assert summary["inserted_count"] == (3 if number == 0 else 0), ending
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, Decimal("3.3"))

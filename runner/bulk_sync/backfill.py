@@ -165,7 +165,8 @@ _ANY_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # a quick test: most blocks have
 
 
 def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
-    """The rest of the stream in blocks of whole lines, without blank lines (noted in ``staged``).
+    """The rest of the stream in blocks of whole lines, without blank lines (noted in ``staged``);
+    the last line as it is, with or without its line ending.
 
     A line holding only ``\\.`` would end a COPY early and silently, so it is refused.
     """
@@ -186,11 +187,13 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         elif not pending:
             return
         else:
+            # The last line, not ended: it is checked as ended by a newline but sent as it is, as
+            # COPY takes every line's ending from the first one's (a CRLF file's is not "\n").
             data, pending = b"".join([*pending, b"\n"]), []
         if not _ANY_BLANK_LINE.search(b"\n" + data):
             _refuse_end_marker(data, staged, rows)
             rows += data.count(b"\n")
-            yield data
+            yield data if block else data[:-1]
             if not block:
                 return
             continue
@@ -212,7 +215,7 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         out = b"".join(kept)
         _refuse_end_marker(out, staged, rows_before)
         if out:
-            yield out
+            yield out if block else out[:-1]
         if not block:
             return
 
