@@ -1043,3 +1043,26 @@ def test_a_crlf_file_loads_with_or_without_a_line_ending_after_its_last_line(
         assert summary["inserted_count"] == (3 if number == 0 else 0), ending
     with connect(db_url) as conn:
         assert_exact_totals(conn, Decimal("3.3"))
+
+
+@pytest.mark.parametrize("control", [b"\x01", b"\x02"])
+def test_a_raw_control_character_in_an_ndjson_line_is_refused_by_its_line(
+    db_url: str, tmp_path: Path, control: bytes
+) -> None:
+    """NDJSON lines reach COPY as CSV fields quoted by \\x01 and cut by \\x02, characters that JSON
+    text holds only escaped: raw, in a string, they would silently change it ("a\\x01b" stored as
+    "ab"), so the line is refused, named by its line (past the first block sent), and nothing is
+    applied."""
+    lines = [
+        json.dumps(action(new_id(), new_id(), "1", logged_at(i))).encode() for i in range(3_000)
+    ]
+    lines.insert(2_500, b"")  # a blank line shifts nothing but the count
+    note = b"a" + control + b"b" + control + b"c"
+    lines[2_700] = lines[2_700].replace(b'"lbs"', b'"metadata": {"note": "' + note + b'"}, "lbs"')
+    path = tmp_path / "control.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    error = load_error(db_url, path)
+    assert error.exit_code == 2
+    assert error.message.startswith("line 2701: invalid JSON ("), error.message
+    assert f"0x{control[0]:02x}" in error.message
+    assert counts(db_url) == (0, 0, 0)

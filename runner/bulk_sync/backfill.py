@@ -175,6 +175,7 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
     pending: list[bytes] = []
     rows = 0  # lines sent so far
     blanks = 0
+    ndjson = staged.copy is COPY_NDJSON
     while True:
         block = stream.read(BLOCK)
         if block:
@@ -192,6 +193,8 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
             data, pending = b"".join([*pending, b"\n"]), []
         if not _ANY_BLANK_LINE.search(b"\n" + data):
             _refuse_end_marker(data, staged, rows)
+            if ndjson:
+                _refuse_copy_quoting(data, staged, rows)
             rows += data.count(b"\n")
             yield data if block else data[:-1]
             if not block:
@@ -214,6 +217,8 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         rows += data[at:].count(b"\n")
         out = b"".join(kept)
         _refuse_end_marker(out, staged, rows_before)
+        if ndjson:
+            _refuse_copy_quoting(out, staged, rows_before)
         if out:
             yield out if block else out[:-1]
         if not block:
@@ -229,6 +234,20 @@ def _refuse_end_marker(data: bytes, staged: Staged, rows_before: int) -> None:
     if at >= 0:
         line = staged.line_of(rows_before + data.count(b"\n", 0, at) + 1)
         raise InputError(f"line {line}: a line holding only \\. is not allowed")
+
+
+def _refuse_copy_quoting(data: bytes, staged: Staged, rows_before: int) -> None:
+    """NDJSON lines reach COPY as CSV fields quoted by \\x01 and cut by \\x02 (``COPY_NDJSON``):
+    either, raw, would change the line ("a\\x01b\\x01c" read as "abc"). Valid JSON holds neither
+    unescaped, so a line holding one is refused, by its line."""
+    found = [at for at in (data.find(b"\x01"), data.find(b"\x02")) if at >= 0]
+    if found:
+        at = min(found)
+        line = staged.line_of(rows_before + data.count(b"\n", 0, at) + 1)
+        raise InputError(
+            f"line {line}: invalid JSON (the control character 0x{data[at]:02x} must be escaped);"
+            " nothing was applied"
+        )
 
 
 def stage_csv(stream: io.BufferedReader) -> Staged:
