@@ -1066,3 +1066,25 @@ def test_a_raw_control_character_in_an_ndjson_line_is_refused_by_its_line(
     assert error.message.startswith("line 2701: invalid JSON ("), error.message
     assert f"0x{control[0]:02x}" in error.message
     assert counts(db_url) == (0, 0, 0)
+
+
+def test_a_row_copy_refuses_is_named_by_its_line_after_a_field_quoted_across_lines(
+    db_url: str, tmp_path: Path
+) -> None:
+    """COPY counts records: a row it refuses after a field quoted across lines is named by the file
+    line it starts on, as a bad row is."""
+    user = new_id()
+    rows = [
+        [new_id(), user, "1", logged_at(0), "true", '{\n"a":\n1\n}'],  # lines 2-5
+        [new_id(), user, "1", logged_at(1), "true", "{}"],
+        [new_id(), user, "1", logged_at(2), "true", "{}", "extra"],  # line 7
+    ]
+    path = tmp_path / "extra.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["action_id", "user_id", "lbs", "logged_at", "verified", "metadata"])
+        writer.writerows(rows)
+    error = load_error(db_url, path)
+    assert error.exit_code == 2
+    assert error.message.startswith("line 7: extra data after last expected column"), error.message
+    assert counts(db_url) == (0, 0, 0)

@@ -693,9 +693,12 @@ def _copy_into_stage(
 
 def _copy_error(exc: psycopg.Error, staged: Staged) -> CliError:
     """A row COPY itself refused (not CSV, not JSON): name its line."""
-    # COPY numbers the rows it reads from 1 (the header was read before it).
+    # COPY numbers the rows it reads from 1 (the header was read before it), a CSV row quoted
+    # across lines as one: ``look_up_lines`` numbers it by the file's lines.
     match = _COPY_LINE.search(exc.diag.context or "")
     number = int(match.group(1)) if match else None
+    if number:
+        look_up_lines(staged, {number})
     where = f"{staged.label} {staged.line_of(number)}: " if number else ""
     reason = (exc.diag.message_primary or str(exc)).strip()
     if staged.copy is COPY_NDJSON:
