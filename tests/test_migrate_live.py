@@ -2,11 +2,15 @@
 
 A real writer transaction holds user_actions (or user_stats) open while `bulk-sync migrate`
 runs as a subprocess: another writer still gets through within 3 s, migrate retries and,
-when the lock never comes, exits 3 naming the holder's pid with nothing applied.
+when the lock never comes, exits 3 naming the holder's pid with nothing applied. The same
+writer stops a migrate inside a migration, holding the migrations lock, to show that a second
+migrate waits for it and that a killed one leaves nothing behind that blocks the next.
 """
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import time
 import uuid
@@ -19,7 +23,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from yoyo import get_backend, read_migrations
 
-from bulk_sync.migrate import migrate
+from bulk_sync.errors import EXIT_DATABASE, CliError
+from bulk_sync.migrate import LOCK_CLASSID, LOCK_MIGRATIONS, apply_migrations, migrate
 from helpers import (
     assert_exact_totals,
     cli_command,
@@ -28,6 +33,7 @@ from helpers import (
     log_action,
     new_id,
     reconcile,
+    stop_process,
     wait_for,
 )
 from test_migrations import MIGRATIONS_DIR, definitions, yoyo_url
@@ -187,9 +193,10 @@ def test_migrate_retries_until_the_holder_commits(db_url: str) -> None:
         assert '"dropped": []' in stdout
 
 
-def test_pending_migration_waits_briefly_and_gives_up(db_url: str) -> None:
-    """A migration altering user_stats under an open writer: exit 3, not applied, writers pass."""
-    backend = get_backend(yoyo_url(db_url))
+def _unapply_0005(url: str) -> None:
+    """Roll back 0005.leaderboard-key (it has no rollback: it is only unmarked), so that it is
+    pending; re-applied, it takes a lock on user_stats that an open writer holds up."""
+    backend = get_backend(yoyo_url(url))
     try:
         migrations = read_migrations(str(MIGRATIONS_DIR))
         with backend.lock():
@@ -201,6 +208,11 @@ def test_pending_migration_waits_briefly_and_gives_up(db_url: str) -> None:
         }
     finally:
         backend.connection.close()
+
+
+def test_pending_migration_waits_briefly_and_gives_up(db_url: str) -> None:
+    """A migration altering user_stats under an open writer: exit 3, not applied, writers pass."""
+    _unapply_0005(db_url)
     with connect(db_url) as conn:
         holder = _holder(db_url, new_id())
         holder_pid = holder.info.backend_pid
@@ -220,6 +232,128 @@ def test_pending_migration_waits_briefly_and_gives_up(db_url: str) -> None:
     assert migrate(db_url)["applied_migrations"] == ["0005.leaderboard-key"]
     with connect(db_url) as conn:
         assert_exact_totals(conn, Decimal("3.500000"))
+
+
+# --------------------------------------------------------------------------- migrations lock
+
+
+def _waiting_for_migrations_lock(conn: psycopg.Connection) -> bool:
+    return conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid = %s AND objid = %s AND objsubid = 2)",
+        (LOCK_CLASSID, LOCK_MIGRATIONS),
+    ).fetchone()[0]
+
+
+def _freeze_inside_0005(proc: subprocess.Popen[str], conn: psycopg.Connection) -> None:
+    """Stop (SIGSTOP) a migrate while 0005 waits for the open writer's lock on user_stats.
+
+    A migration runs under the migrations lock, so the frozen process holds it. Its wait still
+    being there after the stop shows that the process had not had its answer (a timeout):
+    it was inside the lock. Otherwise it is let go and stopped at its next attempt.
+    """
+    while True:
+        wait_for(lambda: _migrate_waiting(conn), 30, what="0005 to wait for user_stats")
+        proc.send_signal(signal.SIGSTOP)
+        if _migrate_waiting(conn):
+            return
+        proc.send_signal(signal.SIGCONT)
+
+
+def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for a migrate subprocess (far longer than it needs); its printed JSON result."""
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    return json.loads(stdout)
+
+
+def test_a_killed_migrate_does_not_block_the_next(db_url: str) -> None:
+    """migrate SIGKILLed while it holds the migrations lock: the next one migrates everything.
+
+    The lock belongs to the killed process's session, which ends with it. A lock that outlived
+    it (yoyo's row in yoyo_lock) would hold the next migrate for 120 s, then exit 3.
+    """
+    _unapply_0005(db_url)
+    with connect(db_url) as conn:
+        holder = _holder(db_url, new_id())
+        try:
+            killed = _start_migrate(db_url, "--attempts", "100")
+            try:
+                _freeze_inside_0005(killed, conn)
+            finally:
+                stop_process(killed, signal.SIGKILL)
+            assert killed.returncode == -signal.SIGKILL
+            holder.commit()
+        finally:
+            holder.close()
+        result = _finish(_start_migrate(db_url))
+        assert result["applied_migrations"] == ["0005.leaderboard-key"]
+        assert result["definitions_applied"] is True
+        assert_exact_totals(conn, Decimal("1.500000"))
+        assert reconcile(conn)["in_sync"] is True
+    assert migrate(db_url, attempts=1) == {
+        "applied_migrations": [],
+        "definitions": result["definitions"],
+        "definitions_applied": False,
+        "dropped": [],
+    }
+
+
+def test_a_second_migrate_waits_for_the_first(db_url: str) -> None:
+    """Two migrates of one database, both held up by 0005: one waits for the migrations lock
+    while the other is inside it; 0005 is applied once, and the other finds nothing pending."""
+    _unapply_0005(db_url)
+    with connect(db_url) as conn:
+        holder = _holder(db_url, new_id())
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            procs.append(_start_migrate(db_url, "--attempts", "100"))
+            wait_for(lambda: _migrate_waiting(conn), 30, what="0005 to wait for user_stats")
+            procs.append(_start_migrate(db_url, "--attempts", "100"))
+            wait_for(
+                lambda: _waiting_for_migrations_lock(conn),
+                30,
+                what="a migrate to wait for the migrations lock",
+            )
+            assert [proc.poll() for proc in procs] == [None, None]
+            holder.commit()
+            results = [_finish(proc) for proc in procs]
+        finally:
+            holder.close()
+            for proc in procs:
+                stop_process(proc, signal.SIGKILL)
+        assert sorted(result["applied_migrations"] for result in results) == [
+            [],
+            ["0005.leaderboard-key"],
+        ]
+        assert_exact_totals(conn, Decimal("1.500000"))
+
+
+def test_a_yoyo_lock_row_of_an_older_release_is_ignored(db_url: str) -> None:
+    """A row an older bulk-sync left in yoyo_lock (killed while holding yoyo's lock)."""
+    _unapply_0005(db_url)  # yoyo itself, so the yoyo_lock table exists
+    with connect(db_url) as conn:
+        conn.execute("INSERT INTO yoyo_lock (locked, ctime, pid) VALUES (1, now(), 4242)")
+    result = _finish(_start_migrate(db_url))
+    assert result["applied_migrations"] == ["0005.leaderboard-key"]
+
+
+def test_migrate_gives_up_on_the_migrations_lock_naming_its_holder(db_url: str) -> None:
+    """Another session holds the migrations lock for longer than migrate waits: exit 3, with
+    the holder's pid and application, and nothing applied."""
+    _unapply_0005(db_url)
+    with connect(db_url, application_name="bulk-sync-test-lock-holder") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASSID, LOCK_MIGRATIONS))
+        with pytest.raises(CliError) as raised:
+            apply_migrations(db_url, lock_wait_s=0.5)
+        assert raised.value.exit_code == EXIT_DATABASE
+        message = raised.value.message
+        assert message.startswith("migrate waited 0.5 s for the migrations lock"), message
+        assert f"pid {holder.info.backend_pid} (bulk-sync-test-lock-holder, idle," in message
+    assert migrate(db_url)["applied_migrations"] == ["0005.leaderboard-key"]
 
 
 # --------------------------------------------------------------------------- orphans

@@ -1,6 +1,10 @@
 """``bulk-sync migrate``: versioned yoyo migrations, then the repeatable ``db/`` definitions.
 
-1. yoyo applies the pending files of ``migrations/`` under its own backend lock. Each
+1. yoyo applies the pending files of ``migrations/`` while its bookkeeping connection holds
+   the session-level ``pg_advisory_lock(1651862635, 5)``, waited for at most 120 s, so two
+   concurrent migrates apply them one after the other. The lock ends with its session: a
+   migrate that is killed never blocks the next one (yoyo's own lock, a row in ``yoyo_lock``,
+   outlives the process that wrote it; that table is neither created nor read). Each
    migration is one transaction whose connection has ``lock_timeout`` set.
 2. The ``db/*.sql`` files are applied, in filename order, in ONE transaction that first takes
    ``pg_advisory_xact_lock(1651862635, 4)``, so two concurrent migrates never interleave.
@@ -27,7 +31,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -35,15 +40,19 @@ from urllib.parse import quote, urlencode
 import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
-from yoyo import get_backend, read_migrations
+from yoyo import read_migrations
+from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
+from yoyo.connections import parse_uri
+from yoyo.migrations import default_migration_table
 
 from bulk_sync import paths
 from bulk_sync.db import APP_NAME
 from bulk_sync.errors import EXIT_DATABASE, CliError
 
 LOCK_CLASSID = 1651862635  # 'bs_k' as int4: the bulk_sync advisory-lock namespace
-LOCK_MIGRATE = 4
-YOYO_LOCK_TIMEOUT_S = 120
+LOCK_MIGRATE = 4  # the db/ transaction
+LOCK_MIGRATIONS = 5  # the session that applies the yoyo migrations
+MIGRATIONS_LOCK_WAIT_S = 120
 LOCK_TIMEOUT_MS = 2000  # the longest a writer may queue behind one of migrate's lock requests
 ATTEMPTS = 6
 BACKOFF_FIRST_S = 0.25
@@ -125,6 +134,17 @@ SELECT l.pid, a.state, a.query_start, l.mode, l.relation::regclass::text, left(a
             ELSE l.relation = %(relation)s::text::regclass END
  ORDER BY a.xact_start NULLS LAST, l.pid
  LIMIT 3
+"""
+
+
+# Who holds the migrations lock: the session of another migrate (or of a DBA's own query).
+MIGRATIONS_LOCK_HOLDERS = """
+SELECT l.pid, a.application_name, a.state, a.backend_start, left(a.query, 80)
+  FROM pg_catalog.pg_locks AS l
+  JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND l.classid = %(classid)s AND l.objid = %(objid)s AND l.objsubid = 2
 """
 
 
@@ -230,26 +250,107 @@ def _with_retries(
     ) from last.cause
 
 
+def _describe_migrations_lock_holders(conn: psycopg.Connection) -> str:
+    """Who holds the migrations lock (pid, application, state, session start, last query)."""
+    try:
+        rows = conn.execute(
+            MIGRATIONS_LOCK_HOLDERS, {"classid": LOCK_CLASSID, "objid": LOCK_MIGRATIONS}
+        ).fetchall()
+    except psycopg.Error as exc:
+        return f"its holder could not be read ({type(exc).__name__})"
+    if not rows:
+        return "its holder has finished since"
+    described = []
+    for pid, application, state, backend_start, query in rows:
+        started = backend_start.isoformat() if backend_start else "unknown"
+        text = re.sub(r"\s+", " ", query or "").strip()
+        described.append(
+            f"pid {pid} ({application or 'no application_name'}, "
+            f"{state or 'unknown state'}, session started {started}, last query: {text!r})"
+        )
+    return "held by " + "; ".join(described)
+
+
+class SessionLockBackend(PostgresqlPsycopgBackend):
+    """yoyo's psycopg backend whose lock is a session-level advisory lock, not a table row.
+
+    yoyo locks by inserting a row into ``yoyo_lock`` and deleting it afterwards: a process
+    killed in between leaves the row, and every later lock waits for it until it times out.
+    ``pg_advisory_lock(LOCK_CLASSID, LOCK_MIGRATIONS)`` on the bookkeeping connection is
+    released when that session ends, however the process ends. yoyo's own calls of ``lock()``
+    (an upgrade of its internal tables) take the same lock, or nest in the one already held.
+    """
+
+    _lock_held = False
+
+    def create_lock_table(self) -> None:
+        """No ``yoyo_lock`` table: a row an older release left in one is never read."""
+
+    @contextmanager
+    def lock(self, timeout: float = 10) -> Iterator[None]:
+        """Hold the migrations lock, waiting at most ``timeout`` seconds (0: for ever).
+
+        A wait that runs out raises a ``CliError`` (exit 3) naming the session holding it.
+        """
+        if self._lock_held:
+            yield
+            return
+        conn = self.connection
+        try:
+            # A session lock taken in a transaction outlives its commit; lock_timeout bounds
+            # the wait for this statement alone.
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (f"{int(timeout * 1000)}ms",),
+                )
+                conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASSID, LOCK_MIGRATIONS))
+        except errors.LockNotAvailable as exc:
+            raise CliError(
+                f"migrate waited {timeout:g} s for the migrations lock (advisory lock "
+                f"{LOCK_CLASSID}, {LOCK_MIGRATIONS}); {_describe_migrations_lock_holders(conn)}; "
+                "retry when that session has ended",
+                EXIT_DATABASE,
+            ) from exc
+        self._lock_held = True
+        try:
+            yield
+        finally:
+            self._lock_held = False
+            # When the session is unusable, closing it (apply_migrations does) releases the lock.
+            with suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASSID, LOCK_MIGRATIONS))
+
+
+def migrations_backend(uri: str) -> SessionLockBackend:
+    """What ``yoyo.get_backend`` returns for a ``postgresql+psycopg`` URI, with the session lock."""
+    backend = SessionLockBackend(parse_uri(uri), default_migration_table)
+    backend.init_database()
+    return backend
+
+
 def apply_migrations(
     database_url: str,
     migrations_dir: Path | None = None,
     *,
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
     attempts: int = ATTEMPTS,
+    lock_wait_s: float = MIGRATIONS_LOCK_WAIT_S,
 ) -> list[str]:
-    """Apply the pending yoyo migrations under yoyo's lock; return the applied ids.
+    """Apply the pending yoyo migrations under the migrations lock; return the applied ids.
 
-    Each migration is its own transaction: a lock timeout rolls that one back, and the
-    pending ones are retried with backoff.
+    The lock is waited for at most ``lock_wait_s`` seconds. Each migration is its own
+    transaction: a lock timeout rolls that one back, and the pending ones are retried with
+    backoff.
     """
     migrations_dir = migrations_dir or paths.migrations_dir()
-    backend = get_backend(yoyo_uri(database_url, lock_timeout_ms))
+    backend = migrations_backend(yoyo_uri(database_url, lock_timeout_ms))
     applied: list[str] = []
     try:
         migrations = read_migrations(str(migrations_dir))
 
         def attempt() -> None:
-            with backend.lock(timeout=YOYO_LOCK_TIMEOUT_S):
+            with backend.lock(timeout=lock_wait_s):
                 for migration in backend.to_apply(migrations):
                     backend.apply_one(migration)
                     applied.append(migration.id)
@@ -263,7 +364,7 @@ def apply_migrations(
         )
         return applied
     finally:
-        backend.connection.close()
+        backend.connection.close()  # also releases the migrations lock
 
 
 def _fingerprint(conn: psycopg.Connection) -> str:
