@@ -31,4 +31,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.events_since(bigint, integer) IS
-    'Change events with event_id > p_after in id order (at most p_limit), including every event committed before the call. Resume from the last id seen: nothing is missed or repeated.';
+    'Change events with event_id > p_after in id order (at most p_limit), including every event committed before the call. Resume from the last id seen: nothing is missed or repeated. Call it as its own transaction (autocommit): it numbers pending events in the caller''s transaction, whose rollback would take the ids back.';
