@@ -16,6 +16,7 @@ DECLARE
     v_state        text;
     v_message      text;
     v_detail       text;
+    v_created      uuid[];
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'log_actions', ARRAY['actions']);
     v_total := jsonb_array_length(v_actions);
@@ -47,7 +48,10 @@ BEGIN
     EXCEPTION WHEN unique_violation OR numeric_value_out_of_range THEN
         -- Another writer stored one of the new actions meanwhile, or a total would overflow
         -- NUMERIC(30,6): nothing of the set-based attempt stays, and each action is logged on its
-        -- own, in order.
+        -- own, in order. Its users are taken first, all of them, as one call takes them: otherwise
+        -- a change made here would hold this backend's slot while the next action waits for its
+        -- user, which a backend on the same slot may hold while it waits for that slot.
+        v_created := bulk_sync._lock_users(ARRAY(SELECT i.user_id FROM unnest(v_items) AS i WHERE i.verified));
         v_results := '{}';
         FOR i IN 0 .. v_total - 1 LOOP
             CONTINUE WHEN v_failed ? i::text;
@@ -60,6 +64,12 @@ BEGIN
                     'error', jsonb_build_object('code', v_state, 'message', v_message, 'detail', nullif(v_detail, ''))));
             END;
         END LOOP;
+        -- A failed log_action undoes the row it created for its user; so does this, for users none
+        -- of whose actions here succeeded.
+        DELETE FROM bulk_sync.user_stats AS s
+         WHERE s.user_id = ANY (v_created)
+           AND NOT EXISTS (SELECT FROM unnest(v_items) AS i
+                            WHERE i.user_id = s.user_id AND i.verified AND v_results -> i.idx::text ? 'status');
     END;
 
     v_results := v_results || v_failed;

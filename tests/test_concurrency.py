@@ -802,6 +802,100 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
         assert owner not in per_user_stats(conn)
 
 
+def test_log_actions_one_by_one_takes_its_users_before_a_slot(db_url: str) -> None:
+    """log_actions whose set-based attempt fails (a total would overflow) logs each action on its
+    own, in one transaction. A lone verify_action on a backend with the same slot holds the second
+    action's user and then wants the slot: had the fallback changed a total for the first action
+    before taking the second's user, the two would wait for each other (40P01). It takes every
+    user first, so the verification waits for nothing it holds and both succeed, exactly.
+
+    Sessions hold the third user (so that the batch waits with its users taken and the
+    verification queues on one of them) and the verified action (so that the verification, once
+    it has that user, waits until the batch has gone on to its actions one by one).
+    """
+    first, second, third = (f"{n}0000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3))
+    pending = new_id()
+    big = "900000000000000000000000"  # 9 x 10^23: 2 x 10^23 more and the total overflows
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+        log_action(conn, action(pending, second, "1.000000", logged_at(0), verified=False))
+        log_action(conn, action(new_id(), third, big, logged_at(0)))
+    batch = {
+        "actions": [
+            action(new_id(), first, "1.000000", logged_at(1)),
+            action(new_id(), second, "2.000000", logged_at(2)),
+            action(new_id(), third, "200000000000000000000000", logged_at(3)),
+        ]
+    }
+    with connect(db_url) as watcher:
+        batcher = _backend(db_url, lambda s: True)
+        slot = batcher.info.backend_pid % 64
+        verifier = _backend(db_url, lambda s: s == slot)
+        user_holder = connect(db_url, autocommit=False)
+        action_holder = connect(db_url, autocommit=False)
+
+        def blocks(holder: psycopg.Connection, waiter: psycopg.Connection) -> bool:
+            """Whether ``waiter``'s backend waits for a lock ``holder``'s backend holds."""
+            return bool(
+                watcher.execute(
+                    "SELECT %s = ANY (pg_blocking_pids(%s))",
+                    (holder.info.backend_pid, waiter.info.backend_pid),
+                ).fetchone()[0]
+            )
+
+        outcome: dict[str, Any] = {}
+
+        def start(name: str, conn: psycopg.Connection, sql: str, arg: Any) -> threading.Thread:
+            def target() -> None:
+                try:
+                    outcome[name] = conn.execute(sql, (arg,)).fetchone()[0]
+                except psycopg.Error as exc:
+                    outcome[name] = exc
+
+            thread = threading.Thread(target=target)
+            thread.start()
+            return thread
+
+        with batcher, verifier, user_holder, action_holder:
+            user_holder.execute(
+                "SELECT FROM bulk_sync.user_stats WHERE user_id = %s FOR UPDATE", (third,)
+            )
+            action_holder.execute(
+                "SELECT FROM bulk_sync.user_actions WHERE action_id = %s FOR UPDATE", (pending,)
+            )
+            batching = start("batch", batcher, "SELECT bulk_sync.log_actions(%s)", Jsonb(batch))
+            wait_for(lambda: blocks(user_holder, batcher), 30, what="the batch to wait")
+            verifying = start(
+                "verify", verifier, "SELECT bulk_sync.verify_action(%s::uuid)", pending
+            )
+            wait_for(lambda: blocks(batcher, verifier), 30, what="the verification to wait")
+            user_holder.rollback()  # the batch goes on, meets the overflow, goes one by one
+            # Then either the verification took the second user as the set-based attempt ended,
+            # and waits for its action while the batch waits for the user; or the batch took the
+            # user first, and the verification waits until it has finished.
+            wait_for(
+                lambda: (
+                    "batch" in outcome
+                    or (blocks(verifier, batcher) and blocks(action_holder, verifier))
+                ),
+                30,
+                what="the batch's actions one by one to wait for the verification",
+            )
+            action_holder.rollback()  # the verification goes on to the slot
+            for thread in (batching, verifying):
+                thread.join(timeout=60)
+                assert not thread.is_alive(), "a writer hung"
+
+    assert not isinstance(outcome["verify"], psycopg.Error), outcome["verify"]
+    assert outcome["verify"]["status"] == "verified", outcome["verify"]
+    assert not isinstance(outcome["batch"], psycopg.Error), outcome["batch"]
+    results = outcome["batch"]["results"]
+    assert [r.get("status") for r in results[:2]] == ["inserted", "inserted"], results
+    assert results[2]["error"]["code"] == "22003", results[2]
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + Decimal(big) + Decimal("4.000000"))
+
+
 def test_reconcile_waits_for_a_writer_recreating_a_missing_user_row(db_url: str) -> None:
     """A user's row is gone (drift); while reconcile recreates it, a writer creates it too.
     Reconcile must take the user as writers do, wait for that writer and count its action, not
