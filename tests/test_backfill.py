@@ -300,6 +300,19 @@ def test_a_csv_is_cut_only_between_records(db_url: str, tmp_path: Path) -> None:
     assert stored == {r[0]: {"note": f'said "{r[2]}"\nand then\n"more"'} for r in rows}
 
 
+def write_noted_action(path: Path, action_id: str, user: str, lbs: str, at: str, note: str) -> None:
+    """One verified action whose metadata is {"note": note}, as an NDJSON line in UTF-8."""
+    doc = {
+        "action_id": action_id,
+        "user_id": user,
+        "lbs": lbs,
+        "logged_at": at,
+        "verified": True,
+        "metadata": {"note": note},
+    }
+    path.write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def test_text_arrives_as_the_file_has_it_in_a_database_of_another_encoding(
     make_db: Any, tmp_path: Path
 ) -> None:
@@ -318,21 +331,7 @@ def test_text_arrives_as_the_file_has_it_in_a_database_of_another_encoding(
         writer.writerow([*csv_row, json.dumps({"note": "café"}, ensure_ascii=False)])
     ndjson_id = new_id()
     ndjson = tmp_path / "latin1.ndjson"
-    ndjson.write_text(
-        json.dumps(
-            {
-                "action_id": ndjson_id,
-                "user_id": user,
-                "lbs": "2.5",
-                "logged_at": logged_at(1),
-                "verified": True,
-                "metadata": {"note": "crème brûlée"},
-            },
-            ensure_ascii=False,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    write_noted_action(ndjson, ndjson_id, user, "2.5", logged_at(1), "crème brûlée")
     assert load(url, path)["inserted_count"] == 1
     assert load(url, ndjson)["inserted_count"] == 1
     with connect(url) as conn:
@@ -344,21 +343,7 @@ def test_text_arrives_as_the_file_has_it_in_a_database_of_another_encoding(
 
     before = counts(url)
     euro = tmp_path / "euro.ndjson"
-    euro.write_text(
-        json.dumps(
-            {
-                "action_id": new_id(),
-                "user_id": user,
-                "lbs": "1",
-                "logged_at": logged_at(2),
-                "verified": True,
-                "metadata": {"note": "5 €"},
-            },
-            ensure_ascii=False,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    write_noted_action(euro, new_id(), user, "1", logged_at(2), "5 €")
     error = load_error(url, euro)
     assert error.exit_code == 2, error.message
     assert "line 1" in error.message, error.message
@@ -527,6 +512,8 @@ def test_ctrl_c_stops_a_load_between_chunks_and_a_rerun_completes_it(
 
 
 HALF_THE_BOUND = "600000000000000000000000"  # two of these take a total past NUMERIC(30,6)
+# The users of the bound's tests, first and last in user_id order, so in the first and last chunk.
+FIRST, LAST = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
 
 
 def test_a_file_that_would_take_a_total_past_the_bound_is_refused_whole(
@@ -535,14 +522,13 @@ def test_a_file_that_would_take_a_total_past_the_bound_is_refused_whole(
     """Each row is in range, but one user's rows, or all users' rows, sum past NUMERIC(30,6):
     chunks commit one by one, so the check refuses the file (22003, exit 2) before any applies.
     The global total bounds every user's, so it is the one named."""
-    first, big = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
     one_user = tmp_path / "one_user.csv"
     write_csv(
         one_user,
         [
-            (new_id(), first, "1.5", logged_at(0), "true"),
-            (new_id(), big, HALF_THE_BOUND, logged_at(1), "true"),
-            (new_id(), big, HALF_THE_BOUND, logged_at(2), "true"),
+            (new_id(), FIRST, "1.5", logged_at(0), "true"),
+            (new_id(), LAST, HALF_THE_BOUND, logged_at(1), "true"),
+            (new_id(), LAST, HALF_THE_BOUND, logged_at(2), "true"),
         ],
     )
     all_users = tmp_path / "all_users.csv"
@@ -571,13 +557,12 @@ def test_a_chunk_past_the_bound_stops_the_load_without_promising_a_rerun(
     """A writer adds to a user's total after the check and before that user's chunk applies, which
     then fails with 22003 after the first chunk committed. The message says what committed and
     that the same command would fail the same way, which a rerun shows."""
-    first, big = "00000000-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000002"
     path = tmp_path / "bound.csv"
     write_csv(
         path,
         [
-            (new_id(), first, "1.5", logged_at(0), "true"),
-            (new_id(), big, HALF_THE_BOUND, logged_at(1), "true"),
+            (new_id(), FIRST, "1.5", logged_at(0), "true"),
+            (new_id(), LAST, HALF_THE_BOUND, logged_at(1), "true"),
         ],
     )
     outcome: dict[str, CliError] = {}
@@ -591,7 +576,7 @@ def test_a_chunk_past_the_bound_stops_the_load_without_promising_a_rerun(
             writer,
             {
                 "action_id": new_id(),
-                "user_id": big,
+                "user_id": LAST,
                 "lbs": HALF_THE_BOUND,
                 "logged_at": logged_at(3),
                 "verified": True,

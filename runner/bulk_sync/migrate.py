@@ -31,8 +31,9 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -203,15 +204,23 @@ def _describe_holders(database_url: str, relation: str | None) -> str:
         return f"the lock holders could not be read ({type(exc).__name__})"
     if not rows:
         return "the holder has finished since"
-    described = []
-    for pid, state, query_start, mode, rel, query in rows:
-        started = query_start.isoformat() if query_start else "unknown"
-        text = re.sub(r"\s+", " ", query or "").strip()
-        described.append(
-            f"pid {pid} ({state or 'unknown state'}, query started {started}, "
-            f"{mode} on {rel}, query: {text!r})"
-        )
+    return _held_by(
+        f"pid {pid} ({state or 'unknown state'}, query started {_when(query_start)}, "
+        f"{mode} on {rel}, query: {_one_line(query)!r})"
+        for pid, state, query_start, mode, rel, query in rows
+    )
+
+
+def _held_by(described: Iterable[str]) -> str:
     return "held by " + "; ".join(described)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat() if moment else "unknown"
+
+
+def _one_line(query: str | None) -> str:
+    return re.sub(r"\s+", " ", query or "").strip()
 
 
 def _with_retries(
@@ -260,15 +269,11 @@ def _describe_migrations_lock_holders(conn: psycopg.Connection) -> str:
         return f"its holder could not be read ({type(exc).__name__})"
     if not rows:
         return "its holder has finished since"
-    described = []
-    for pid, application, state, backend_start, query in rows:
-        started = backend_start.isoformat() if backend_start else "unknown"
-        text = re.sub(r"\s+", " ", query or "").strip()
-        described.append(
-            f"pid {pid} ({application or 'no application_name'}, "
-            f"{state or 'unknown state'}, session started {started}, last query: {text!r})"
-        )
-    return "held by " + "; ".join(described)
+    return _held_by(
+        f"pid {pid} ({application or 'no application_name'}, {state or 'unknown state'}, "
+        f"session started {_when(backend_start)}, last query: {_one_line(query)!r})"
+        for pid, application, state, backend_start, query in rows
+    )
 
 
 class SessionLockBackend(PostgresqlPsycopgBackend):
