@@ -175,7 +175,6 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
     pending: list[bytes] = []
     rows = 0  # lines sent so far
     blanks = 0
-    ndjson = staged.copy is COPY_NDJSON
     while True:
         block = stream.read(BLOCK)
         if block:
@@ -192,9 +191,7 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
             # COPY takes every line's ending from the first one's (a CRLF file's is not "\n").
             data, pending = b"".join([*pending, b"\n"]), []
         if not _ANY_BLANK_LINE.search(b"\n" + data):
-            _refuse_end_marker(data, staged, rows)
-            if ndjson:
-                _refuse_copy_quoting(data, staged, rows)
+            _refuse_unsendable(data, staged, rows)
             rows += data.count(b"\n")
             yield data if block else data[:-1]
             if not block:
@@ -216,9 +213,7 @@ def _blocks(stream: io.BufferedReader, staged: Staged) -> Iterator[bytes]:
         kept.append(data[at:])
         rows += data[at:].count(b"\n")
         out = b"".join(kept)
-        _refuse_end_marker(out, staged, rows_before)
-        if ndjson:
-            _refuse_copy_quoting(out, staged, rows_before)
+        _refuse_unsendable(out, staged, rows_before)
         if out:
             yield out if block else out[:-1]
         if not block:
@@ -234,6 +229,14 @@ def _refuse_end_marker(data: bytes, staged: Staged, rows_before: int) -> None:
     if at >= 0:
         line = staged.line_of(rows_before + data.count(b"\n", 0, at) + 1)
         raise InputError(f"line {line}: a line holding only \\. is not allowed")
+
+
+def _refuse_unsendable(data: bytes, staged: Staged, rows_before: int) -> None:
+    """Lines COPY would read otherwise than they are written: an end marker, and in NDJSON a raw
+    quote or delimiter byte."""
+    _refuse_end_marker(data, staged, rows_before)
+    if staged.copy is COPY_NDJSON:
+        _refuse_copy_quoting(data, staged, rows_before)
 
 
 def _refuse_copy_quoting(data: bytes, staged: Staged, rows_before: int) -> None:

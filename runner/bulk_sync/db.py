@@ -25,6 +25,10 @@ APP_NAME = "bulk-sync"
 INT4_MAX = 2**31 - 1  # int: limits, offsets, seconds
 INT8_MAX = 2**63 - 1  # bigint: event ids
 MIGRATE_HINT = "run `bulk-sync migrate` to install the bulk_sync schema"
+# Every session speaks UTF-8 whatever the database's encoding: files are read as UTF-8 and COPY
+# sends their bytes as they are, so PostgreSQL converts text, and refuses (22P05, bad input) a
+# character the database cannot hold.
+CLIENT_ENCODING = "UTF8"
 
 # json/jsonb values come back with exact decimals, never floats.
 set_json_loads(loads)
@@ -41,13 +45,9 @@ def resolve_url(database_url: str | None = None) -> str:
 
 
 def connect(database_url: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection:
-    """Open a psycopg connection; a connection failure becomes a ``CliError`` (exit 3).
-
-    The session speaks UTF-8 whatever the database's encoding: files are read as UTF-8 and COPY
-    sends their bytes as they are, so PostgreSQL converts them, and refuses (22P05) a character
-    the database cannot hold."""
+    """Open a psycopg connection; a connection failure becomes a ``CliError`` (exit 3)."""
     kwargs.setdefault("application_name", APP_NAME)
-    kwargs.setdefault("client_encoding", "UTF8")
+    kwargs.setdefault("client_encoding", CLIENT_ENCODING)
     try:
         return psycopg.connect(database_url, autocommit=autocommit, **kwargs)
     except psycopg.OperationalError as exc:

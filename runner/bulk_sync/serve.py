@@ -51,7 +51,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter
 
 from bulk_sync import events
-from bulk_sync.db import APP_NAME, INT4_MAX, INT8_MAX, MIGRATE_HINT, connect
+from bulk_sync.db import APP_NAME, CLIENT_ENCODING, INT4_MAX, INT8_MAX, MIGRATE_HINT, connect
 from bulk_sync.jsonutil import JsonNumber, dumps, loads_unconverted
 
 log = logging.getLogger("bulk_sync.serve")
@@ -1130,12 +1130,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             settings.database_url,
             min_size=min(2, settings.pool_size),
             max_size=settings.pool_size,
-            # UTF-8 whatever the database's encoding: PostgreSQL converts a body's text and
-            # refuses (22P05, bad input) a character the database cannot hold.
             kwargs={
                 "autocommit": True,
                 "application_name": f"{APP_NAME} serve",
-                "client_encoding": "UTF8",
+                "client_encoding": CLIENT_ENCODING,
             },
             timeout=POOL_TIMEOUT_S,
             check=closed_by_server,
