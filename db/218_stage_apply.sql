@@ -69,9 +69,10 @@ BEGIN
         END IF;
         SELECT n.inserted, n.users INTO v_inserted, v_users FROM bulk_sync._insert_new_actions(v_new, v_pending = 0) AS n;
     EXCEPTION WHEN unique_violation OR deadlock_detected THEN
-        -- A deadlock can only be with a writer storing one of these action_ids for another user,
-        -- which waits for the slot _apply_deltas took (docs/DESIGN.md, lock order): undone, the
-        -- chunk lets it finish and then finds the conflict as after any other race.
+        -- A deadlock can only be with a writer that holds one of these action_ids and waits for one
+        -- of these users (a DBA's direct DML takes the action first), or that found all 64 slots
+        -- claimed (docs/DESIGN.md, lock order): undone, the chunk lets it finish and then finds
+        -- what it stored as after any other race.
         v_raced := true;
     END;
 

@@ -48,9 +48,9 @@ BEGIN
     EXCEPTION WHEN unique_violation OR numeric_value_out_of_range THEN
         -- Another writer stored one of the new actions meanwhile, or a total would overflow
         -- NUMERIC(30,6): nothing of the set-based attempt stays, and each action is logged on its
-        -- own, in order. Its users are taken first, all of them, as one call takes them: otherwise
-        -- a change made here would hold this backend's slot while the next action waits for its
-        -- user, which a backend on the same slot may hold while it waits for that slot.
+        -- own, in order. Its users are taken first, all of them in user_id order, as one call takes
+        -- them: otherwise a change made here would hold its user while the next action waits for
+        -- another, out of order, and two such batches could each wait for the other.
         v_created := bulk_sync._lock_users(ARRAY(SELECT i.user_id FROM unnest(v_items) AS i WHERE i.verified));
         v_results := '{}';
         FOR i IN 0 .. v_total - 1 LOOP

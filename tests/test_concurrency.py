@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -705,10 +704,8 @@ def test_bulk_backfill_does_not_wait_for_a_stored_action_being_revoked(db_url: s
         assert log_action(conn, stored)["status"] == "inserted"
         before = Decimal(assert_exact_totals(conn))
 
-    revoker = connect(db_url, autocommit=False)
-    # The revoker holds its slot too: the loader must move another (the row a writer waits for).
-    loader = _backend(db_url, lambda slot: slot != revoker.info.backend_pid % 64)
-    with revoker, loader:
+    # The revoker holds its slot too; the loader claims another if both have the same (_take_slot).
+    with connect(db_url, autocommit=False) as revoker, connect(db_url) as loader:
         revoked = revoker.execute(
             "SELECT bulk_sync.revoke_action(%s, 'test')", (stored["action_id"],)
         ).fetchone()[0]
@@ -735,14 +732,87 @@ def _backend(
     return opened[-1]
 
 
-def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str) -> None:
-    """The one cycle the lock order allows (docs/DESIGN.md): a bulk chunk that only adds actions
-    holds its slot while it inserts, and a writer on the same slot stores one of its action_ids
-    for another user, then waits for that slot. The chunk, which finds the deadlock, undoes its
-    attempt, lets the writer commit, and fails with BS002 as after any other race.
+def _slot_claimed(watcher: psycopg.Connection, conn: psycopg.Connection, slot: int) -> bool:
+    """Whether ``conn``'s transaction holds the claim on global slot ``slot`` (db/113)."""
+    return bool(
+        watcher.execute(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND pid = %s AND classid = 1651862635 AND objid = 100 + %s AND objsubid = 2)",
+            (conn.info.backend_pid, slot),
+        ).fetchone()[0]
+    )
 
-    A third session holds the chunk's first action uncommitted so that the chunk waits, slot
-    taken, before it reaches the second, which the writer then stores.
+
+def test_a_transaction_of_several_calls_never_makes_a_lone_call_wait_for_its_slot(
+    db_url: str,
+) -> None:
+    """A transaction that logs two actions holds its slot from the first on, and then takes the
+    second's user. A lone call on a backend with the same home slot (pid % 64) holds that user
+    and then wants a slot: had it waited for this one, each would wait for the other (40P01),
+    with users that have nothing in common. It claims a free slot instead and commits at once."""
+    user, other = new_id(), new_id()
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+    with connect(db_url, autocommit=False) as several, connect(db_url) as watcher:
+        slot = several.info.backend_pid % 64
+        with _backend(db_url, lambda s: s == slot) as lone:
+            lone.execute("SET lock_timeout = '10s'")  # a wait for the slot fails the test
+            results = [log_action(several, action(new_id(), user, "1.000000", logged_at(1)))]
+            assert _slot_claimed(watcher, several, slot)
+            results.append(log_action(lone, action(new_id(), other, "2.000000", logged_at(2))))
+            results.append(log_action(several, action(new_id(), other, "4.000000", logged_at(3))))
+            several.commit()
+            assert [r["status"] for r in results] == ["inserted"] * 3
+
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + Decimal("7.000000"))
+        assert per_user_stats(conn)[other] == ("6.000000", 2)
+
+
+def test_a_writer_waits_for_its_own_slot_only_when_every_slot_is_claimed(db_url: str) -> None:
+    """More than 64 transactions writing at once: a session claims all 64 slots, and a writer
+    then waits for its own (pid % 64), not for any other, and goes on when the claims end."""
+    user = new_id()
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+    with connect(db_url, autocommit=False) as claimer, connect(db_url) as writer:
+        claimer.execute(
+            "SELECT pg_advisory_xact_lock(1651862635, 100 + s) FROM generate_series(0, 63) AS s"
+        )
+        outcome: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(
+                log_action(writer, action(new_id(), user, "3.000000", logged_at(1)))
+            )
+        )
+        thread.start()
+        wait_for(
+            lambda: bool(
+                claimer.execute(
+                    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND NOT granted AND pid = %s AND objid = 100 + %s)",
+                    (writer.info.backend_pid, writer.info.backend_pid % 64),
+                ).fetchone()[0]
+            ),
+            30,
+            what="the writer to wait for its own slot",
+        )
+        assert not outcome
+        claimer.rollback()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the writer hung"
+
+    assert outcome[0]["status"] == "inserted"
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + Decimal("3.000000"))
+
+
+def test_a_writer_on_a_waiting_chunks_slot_claims_another(db_url: str) -> None:
+    """A bulk chunk that only adds actions claims its slot with its users, before its action rows
+    (docs/DESIGN.md). While it waits for a session that holds its first action, a writer with the
+    same home slot (pid % 64) stores the chunk's second action_id for another user. Had the writer
+    waited for the slot, it would hold an action the chunk was to wait for: a cycle. It claims a
+    free slot and commits at once; the chunk, once it goes on, fails with BS002 as after any race.
     """
     owner, writer_user, holder_user = new_id(), new_id(), new_id()
     first, second = sorted((new_id(), new_id()))  # the chunk inserts in action_id order
@@ -753,7 +823,7 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
         slot = chunk.info.backend_pid % 64
         holder = _backend(db_url, lambda s: s != slot, autocommit=False)
         writer = _backend(db_url, lambda s: s == slot)
-        writer.execute("SET deadlock_timeout = '50ms'")  # its one check runs before the cycle
+        writer.execute("SET lock_timeout = '10s'")  # a wait for the slot fails the test
 
         def waiting(conn: psycopg.Connection) -> bool:
             row = watcher.execute(
@@ -764,16 +834,11 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
 
         outcome: dict[str, Any] = {}
 
-        def start(name: str, call: Callable[[], Any]) -> threading.Thread:
-            def target() -> None:
-                try:
-                    outcome[name] = call()
-                except psycopg.Error as exc:
-                    outcome[name] = exc
-
-            thread = threading.Thread(target=target)
-            thread.start()
-            return thread
+        def load_chunk() -> None:
+            try:
+                outcome["chunk"] = bulk_backfill(chunk, load)
+            except psycopg.Error as exc:
+                outcome["chunk"] = exc
 
         with holder, writer:
             held = action(first, holder_user, "4.000000", logged_at(1))
@@ -782,18 +847,17 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
                 action(first, owner, "1.000000", logged_at(2)),
                 action(second, owner, "2.000000", logged_at(3)),
             ]
-            loading = start("chunk", lambda: bulk_backfill(chunk, load))
+            loading = threading.Thread(target=load_chunk)
+            loading.start()
             wait_for(lambda: waiting(chunk), 30, what="the chunk to wait on the holder")
+            assert _slot_claimed(watcher, chunk, slot)
             stored = action(second, writer_user, "8.000000", logged_at(4))
-            storing = start("writer", lambda: log_action(writer, stored))
-            wait_for(lambda: waiting(writer), 30, what="the writer to wait on the slot")
-            time.sleep(0.5)  # past the writer's deadlock_timeout: the chunk finds the cycle
+            assert log_action(writer, stored)["status"] == "inserted"
+            assert waiting(chunk)  # still: the writer went past it
             holder.rollback()
-            for thread in (loading, storing):
-                thread.join(timeout=60)
-                assert not thread.is_alive(), "a writer hung"
+            loading.join(timeout=60)
+            assert not loading.is_alive(), "the chunk hung"
 
-    assert outcome["writer"]["status"] == "inserted", outcome
     assert isinstance(outcome["chunk"], psycopg.Error), outcome
     assert sqlstate(outcome["chunk"]) == "BS002", outcome["chunk"]
     assert "actions[1]" in str(outcome["chunk"])
@@ -802,12 +866,12 @@ def test_a_chunk_that_deadlocks_on_its_slot_fails_as_after_any_race(db_url: str)
         assert owner not in per_user_stats(conn)
 
 
-def test_log_actions_one_by_one_takes_its_users_before_a_slot(db_url: str) -> None:
+def test_log_actions_one_by_one_and_a_verification_on_its_slot_both_succeed(db_url: str) -> None:
     """log_actions whose set-based attempt fails (a total would overflow) logs each action on its
-    own, in one transaction. A lone verify_action on a backend with the same slot holds the second
-    action's user and then wants the slot: had the fallback changed a total for the first action
-    before taking the second's user, the two would wait for each other (40P01). It takes every
-    user first, so the verification waits for nothing it holds and both succeed, exactly.
+    own, in one transaction. A lone verify_action on a backend with the same home slot holds the
+    second action's user and then wants a slot. The fallback takes every user first, and the
+    verification claims a slot the batch does not hold (_take_slot), so neither waits for what the
+    other holds (before both, they met in 40P01) and both succeed, exactly.
 
     Sessions hold the third user (so that the batch waits with its users taken and the
     verification queues on one of them) and the verified action (so that the verification, once
