@@ -10,20 +10,10 @@ SECURITY DEFINER
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_load   uuid := p_load;
-    v_ended  uuid[];
+    v_load  uuid := p_load;
 BEGIN
     IF v_load IS NULL THEN
-        -- Loads whose opening session is gone (a killed runner) end here, with their rows.
-        WITH ended AS (
-            DELETE FROM bulk_sync._loads AS l
-             WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity AS a WHERE a.pid = l.opened_by_pid)
-            RETURNING l.load
-        )
-        SELECT array_agg(e.load) INTO v_ended FROM ended AS e;
-        IF v_ended IS NOT NULL THEN
-            DELETE FROM bulk_sync._load_rows AS r WHERE r.load = ANY (v_ended);
-        END IF;
+        PERFORM bulk_sync._end_abandoned_loads();  -- those of killed runners
         INSERT INTO bulk_sync._loads (load, opened_by_pid) VALUES (gen_random_uuid(), pg_backend_pid())
         RETURNING load INTO v_load;
     ELSE

@@ -49,5 +49,6 @@ TO bulk_sync_reader;
 GRANT EXECUTE ON FUNCTION
     bulk_sync.reconcile(jsonb),
     bulk_sync.publish_events(integer, boolean),
-    bulk_sync.prune_events(interval)
+    bulk_sync.prune_events(interval),
+    bulk_sync._end_abandoned_loads()
 TO bulk_sync_admin;

@@ -265,6 +265,33 @@ class LineReader:
             remaining.append(line)
 
 
+def abandoned_load(url: str) -> str:
+    """A file load of one checked row whose runner's session was killed (its backend terminated)
+    between the check and the apply; its token."""
+    dead = connect(url, autocommit=False)
+    load = dead.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
+    dead.execute(
+        "INSERT INTO pg_temp.bulk_sync_stage (action_id, user_id, lbs, logged_at, verified)"
+        " VALUES (%s, %s, '2', %s, 'true')",
+        (new_id(), new_id(), logged_at(0)),
+    )
+    assert dead.execute("SELECT bulk_sync._stage_check(%s)", (load,)).fetchone()[0]["rows"] == 1
+    dead.commit()
+    pid = dead.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with connect(url) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
+    dead.close()
+    return str(load)
+
+
+def load_rows(url: str, load: str) -> int:
+    """How many checked rows the load ``load`` holds."""
+    with connect(url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM bulk_sync._load_rows WHERE load = %s", (load,)
+        ).fetchone()[0]
+
+
 def start_cli(url: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         cli_command(url, *args),

@@ -26,12 +26,14 @@ from bulk_sync import backfill as backfill_module
 from bulk_sync.backfill import backfill
 from bulk_sync.errors import CliError
 from helpers import (
+    abandoned_load,
     action,
     amount,
     assert_exact_totals,
     cli_command,
     cli_env,
     connect,
+    load_rows,
     log_action,
     logged_at,
     new_id,
@@ -689,29 +691,11 @@ def test_the_stage_functions_reject_bad_arguments(db_url: str, call: str) -> Non
 def test_a_load_whose_runner_died_is_ended_by_the_next(db_url: str) -> None:
     """The runner's session is killed between the check and the apply: the next load to open ends
     the dead one, and its checked rows go with it."""
-    dead = connect(db_url, autocommit=False)
-    load = dead.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
-    dead.execute(
-        "INSERT INTO pg_temp.bulk_sync_stage (action_id, user_id, lbs, logged_at, verified)"
-        " VALUES (%s, %s, '2', %s, 'true')",
-        (new_id(), new_id(), logged_at(0)),
-    )
-    assert dead.execute("SELECT bulk_sync._stage_check(%s)", (load,)).fetchone()[0]["rows"] == 1
-    dead.commit()
-    pid = dead.execute("SELECT pg_backend_pid()").fetchone()[0]
-    with connect(db_url) as admin:
-        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
-    dead.close()
+    load = abandoned_load(db_url)
+    assert load_rows(db_url, load) == 1
     with connect(db_url, autocommit=True) as conn:
-
-        def rows_of(token: str) -> int:
-            return conn.execute(
-                "SELECT count(*) FROM bulk_sync._load_rows WHERE load = %s", (token,)
-            ).fetchone()[0]
-
-        assert rows_of(load) == 1
         fresh = conn.execute("SELECT bulk_sync._stage_open()").fetchone()[0]
-        assert rows_of(load) == 0
+        assert load_rows(db_url, load) == 0
         assert conn.execute("SELECT array_agg(load) FROM bulk_sync._loads").fetchone()[0] == [fresh]
         conn.execute("SELECT bulk_sync._stage_close(%s)", (fresh,))
     assert counts(db_url) == (0, 0, 0)

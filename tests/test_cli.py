@@ -34,6 +34,7 @@ from bulk_sync import embedded, paths
 from bulk_sync.backfill import backfill
 from bulk_sync.cli import main
 from bulk_sync.jsonutil import loads
+from helpers import abandoned_load, load_rows
 
 SEED_FILE = paths.seed_actions_file()
 U1 = "00000000-0000-4000-8000-000000000001"
@@ -794,6 +795,20 @@ def test_worker_once_publishes_reconciles_and_prunes(db_url: str) -> None:
     assert "reconciled" not in [event["event"] for event in worker_log(second)]
     runs = query(db_url, "SELECT count(*) FROM bulk_sync.reconciliation_runs")[0][0]
     assert runs == 1
+
+
+def test_the_worker_ends_the_loads_of_killed_runners(db_url: str) -> None:
+    """A runner killed between the check and the apply leaves its load and checked rows; the
+    worker's prune ends them without waiting for the next load, and says how many it ended."""
+    load = abandoned_load(db_url)
+    assert load_rows(db_url, load) == 1
+
+    result = cli(db_url, "worker", "--once")
+    assert result.exit_code == 0, result.stderr
+    pruned = next(event for event in worker_log(result) if event["event"] == "pruned")
+    assert pruned["abandoned_loads"] == 1
+    assert load_rows(db_url, load) == 0
+    assert query(db_url, "SELECT count(*) FROM bulk_sync._loads")[0][0] == 0
 
 
 def test_dry_runs_do_not_postpone_the_workers_reconcile(db_url: str) -> None:

@@ -17,7 +17,8 @@ worker
     is a standby and retries. The active worker publishes events (``publish_events``,
     every 0.2 s), reconciles when due (``--reconcile-every``, counted from the latest
     ``reconciliation_runs.started_at``, so a restart does not reconcile twice) and prunes
-    old events every 10 minutes. It logs one JSON object per line on stderr.
+    old events and ends the loads of killed runners (``_end_abandoned_loads``) every 10
+    minutes. It logs one JSON object per line on stderr.
 """
 
 from __future__ import annotations
@@ -378,10 +379,11 @@ class Worker:
         assert self.conn is not None
         if time.monotonic() < self._prune_due:
             return
-        count = self.conn.execute(
-            "SELECT bulk_sync.prune_events(%s::interval)", (self.event_retention,)
-        ).fetchone()[0]
-        self.log("pruned", count=count, retention=self.event_retention)
+        count, loads = self.conn.execute(
+            "SELECT bulk_sync.prune_events(%s::interval), bulk_sync._end_abandoned_loads()",
+            (self.event_retention,),
+        ).fetchone()
+        self.log("pruned", count=count, retention=self.event_retention, abandoned_loads=loads)
         self._prune_due = time.monotonic() + PRUNE_EVERY_S
 
     def one_pass(self) -> None:
