@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
-from bulk_sync import embedded, paths
+from bulk_sync import embedded, events, paths
 from bulk_sync.backfill import backfill
 from bulk_sync.cli import main
 from bulk_sync.jsonutil import loads
@@ -809,6 +809,34 @@ def test_the_worker_ends_the_loads_of_killed_runners(db_url: str) -> None:
     assert pruned["abandoned_loads"] == 1
     assert load_rows(db_url, load) == 0
     assert query(db_url, "SELECT count(*) FROM bulk_sync._loads")[0][0] == 0
+
+
+def test_the_worker_names_a_reader_whose_open_transaction_holds_the_events(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader calls events_since in a transaction it leaves open: it holds publish_events' lock,
+    so no event can be published until that transaction ends. The worker says which session it is,
+    once, and publishes as soon as it ends."""
+    monkeypatch.setattr(events, "BLOCKED_AFTER_S", 1)
+    with psycopg.connect(db_url) as reader:  # not autocommit: its transaction stays open
+        reader.execute("SELECT * FROM bulk_sync.events_since(0)").fetchall()
+        out_json(cli(db_url, *log_args(new_id(), new_id(), "2.5")))
+        time.sleep(1.5)  # idle in its transaction for longer than BLOCKED_AFTER_S
+        held = cli(db_url, "worker", "--once")
+        assert held.exit_code == 0, held.stderr
+        kinds = [event["event"] for event in worker_log(held)]
+        assert "published" not in kinds
+        (blocked,) = [event for event in worker_log(held) if event["event"] == "publish_blocked"]
+        assert blocked["pid"] == reader.info.backend_pid
+        assert blocked["state"] == "idle in transaction"
+        assert "events_since" in blocked["hint"]
+        reader.commit()
+
+    freed = cli(db_url, "worker", "--once")
+    events_logged = worker_log(freed)
+    assert "publish_blocked" not in [event["event"] for event in events_logged]
+    (published,) = [event for event in events_logged if event["event"] == "published"]
+    assert published["count"] >= 1
 
 
 def test_dry_runs_do_not_postpone_the_workers_reconcile(db_url: str) -> None:

@@ -42,6 +42,7 @@ from bulk_sync.jsonutil import dumps
 CHANNEL = "bulk_sync_leaderboard"
 LOCK_CLASSID = 1651862635
 LOCK_WORKER = 1
+LOCK_PUBLISH = 2  # publish_events' transaction-level lock
 CATCH_UP_LIMIT = 1000
 PAGE_SQL = "SELECT event_id, payload FROM bulk_sync.events_since(%s, %s)"
 PAGE_TEXT_SQL = "SELECT event_id, payload::text FROM bulk_sync.events_since(%s, %s)"
@@ -50,6 +51,21 @@ PUBLISH_EVERY_S = 0.2
 STANDBY_RETRY_S = 0.5
 PRUNE_EVERY_S = 600.0
 BACKOFF_MAX_S = 10.0
+
+BLOCKED_AFTER_S = 5  # a publisher idle in its transaction this long holds everyone's events
+
+# The session that holds publish_events' lock while idle in its transaction (a reader that called
+# events_since without committing), while events wait: nobody can publish until it ends.
+BLOCKING_PUBLISHER = """
+SELECT a.pid, a.application_name, a.state, a.xact_start
+  FROM pg_catalog.pg_locks AS l
+  JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND l.classid = %(classid)s AND l.objid = %(objid)s AND l.objsubid = 2
+   AND a.state LIKE 'idle in transaction%%'
+   AND a.state_change < pg_catalog.now() - make_interval(secs => %(after)s)
+"""
 
 DEFAULT_RECONCILE_EVERY = "1h"
 DEFAULT_EVENT_RETENTION = "7 days"
@@ -299,6 +315,7 @@ class Worker:
         self._announced_standby = False
         self._reconcile_due = 0.0
         self._prune_due = 0.0
+        self._blocked_by: tuple[Any, ...] | None = None
 
     # -- logging
 
@@ -358,7 +375,31 @@ class Worker:
                 break
         if total:
             self.log("published", count=total)
+        elif self.conn.execute("SELECT EXISTS (SELECT FROM bulk_sync._event_outbox)").fetchone()[0]:
+            self._name_blocking_publisher()
         return total
+
+    def _name_blocking_publisher(self) -> None:
+        """Events wait and none could be published: log the session that holds the publish lock
+        while idle in its transaction, once per such transaction."""
+        assert self.conn is not None
+        row = self.conn.execute(
+            BLOCKING_PUBLISHER,
+            {"classid": LOCK_CLASSID, "objid": LOCK_PUBLISH, "after": BLOCKED_AFTER_S},
+        ).fetchone()
+        if row is None or row == self._blocked_by:
+            return
+        self._blocked_by = row
+        pid, application, state, since = row
+        self.log(
+            "publish_blocked",
+            pid=pid,
+            application_name=application,
+            state=state,
+            transaction_start=since.isoformat(),
+            hint="events_since was called in a transaction still open: end it "
+            "(or SELECT pg_terminate_backend(pid)); call events_since as its own transaction",
+        )
 
     def reconcile_if_due(self) -> dict[str, Any] | None:
         assert self.conn is not None
