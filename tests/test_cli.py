@@ -8,6 +8,7 @@ as the contract's six-decimal strings; nothing here produces a float.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -34,7 +35,7 @@ from bulk_sync import embedded, events, paths
 from bulk_sync.backfill import backfill
 from bulk_sync.cli import main
 from bulk_sync.jsonutil import loads
-from helpers import abandoned_load, load_rows
+from helpers import abandoned_load, load_rows, wait_for
 
 SEED_FILE = paths.seed_actions_file()
 U1 = "00000000-0000-4000-8000-000000000001"
@@ -837,6 +838,48 @@ def test_the_worker_names_a_reader_whose_open_transaction_holds_the_events(
     assert "publish_blocked" not in [event["event"] for event in events_logged]
     (published,) = [event for event in events_logged if event["event"] == "published"]
     assert published["count"] >= 1
+
+
+def test_the_worker_times_a_holder_whose_session_it_cannot_see(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a role without pg_read_all_stats, the worker cannot see how long another role's session
+    has sat in its transaction: it times the holder of the publish lock across its own passes, and
+    names it once it has held on for BLOCKED_AFTER_S."""
+    monkeypatch.setattr(events, "BLOCKED_AFTER_S", 1)
+    tag = uuid.uuid4().hex[:8]
+    reader_role, worker_role = f"bs_reader_{tag}", f"bs_worker_{tag}"
+    query(db_url, f"CREATE ROLE {reader_role} LOGIN IN ROLE bulk_sync_reader")
+    query(db_url, f"CREATE ROLE {worker_role} LOGIN IN ROLE bulk_sync_admin")
+    try:
+        with psycopg.connect(db_url.replace("postgres@", f"{reader_role}@")) as reader:
+            reader_pid = reader.info.backend_pid
+            reader.execute("SELECT * FROM bulk_sync.events_since(0)").fetchall()
+            out_json(cli(db_url, *log_args(new_id(), new_id(), "2.5")))
+            log, stopper = io.StringIO(), events.Stopper()
+            worker = events.Worker(
+                db_url.replace("postgres@", f"{worker_role}@"),
+                reconcile_every_s=3600,
+                log=log,
+                stopper=stopper,
+            )
+            thread = threading.Thread(target=worker.run)
+            thread.start()
+            try:
+                wait_for(lambda: "publish_blocked" in log.getvalue(), 30, what="the warning")
+            finally:
+                stopper.stopped = True
+                thread.join(timeout=30)
+            reader.rollback()
+        records = [loads(line) for line in log.getvalue().splitlines()]
+        (blocked,) = [record for record in records if record["event"] == "publish_blocked"]
+        assert blocked["pid"] == reader_pid
+        assert blocked["state"] is None  # another role's session: hidden from the worker
+        assert blocked["held_s"] >= 1
+        assert "published" not in [record["event"] for record in records]
+    finally:
+        query(db_url, f"DROP ROLE {reader_role}")
+        query(db_url, f"DROP ROLE {worker_role}")
 
 
 def test_dry_runs_do_not_postpone_the_workers_reconcile(db_url: str) -> None:

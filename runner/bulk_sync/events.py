@@ -18,7 +18,9 @@ worker
     every 0.2 s), reconciles when due (``--reconcile-every``, counted from the latest
     ``reconciliation_runs.started_at``, so a restart does not reconcile twice) and prunes
     old events and ends the loads of killed runners (``_end_abandoned_loads``) every 10
-    minutes. It logs one JSON object per line on stderr.
+    minutes. When events wait behind a session that holds the publish lock (a reader's
+    open transaction), it logs ``publish_blocked`` with that session's pid. It logs one JSON
+    object per line on stderr.
 """
 
 from __future__ import annotations
@@ -52,19 +54,20 @@ STANDBY_RETRY_S = 0.5
 PRUNE_EVERY_S = 600.0
 BACKOFF_MAX_S = 10.0
 
-BLOCKED_AFTER_S = 5  # a publisher idle in its transaction this long holds everyone's events
+BLOCKED_AFTER_S = 5  # a publisher that holds on this long while events wait holds them all back
 
-# The session that holds publish_events' lock while idle in its transaction (a reader that called
-# events_since without committing), while events wait: nobody can publish until it ends.
-BLOCKING_PUBLISHER = """
-SELECT a.pid, a.application_name, a.state, a.xact_start
+# Who holds publish_events' lock, and for how long it has sat idle in its transaction (a reader
+# that called events_since without committing). That time is NULL where pg_stat_activity hides
+# another role's session (without pg_read_all_stats); the worker then times the holder itself.
+PUBLISH_LOCK_HOLDER = """
+SELECT l.pid, a.application_name, a.state,
+       CASE WHEN a.state LIKE 'idle in transaction%%'
+            THEN extract(epoch FROM pg_catalog.now() - a.state_change) END
   FROM pg_catalog.pg_locks AS l
-  JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+  LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
  WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()
    AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
    AND l.classid = %(classid)s AND l.objid = %(objid)s AND l.objsubid = 2
-   AND a.state LIKE 'idle in transaction%%'
-   AND a.state_change < pg_catalog.now() - make_interval(secs => %(after)s)
 """
 
 DEFAULT_RECONCILE_EVERY = "1h"
@@ -315,7 +318,9 @@ class Worker:
         self._announced_standby = False
         self._reconcile_due = 0.0
         self._prune_due = 0.0
-        self._blocked_by: tuple[Any, ...] | None = None
+        # The session holding the publish lock while events wait: pid, since when (monotonic),
+        # whether it was logged.
+        self._holder: tuple[int, float, bool] | None = None
 
     # -- logging
 
@@ -375,30 +380,40 @@ class Worker:
                 break
         if total:
             self.log("published", count=total)
+        if total or self.stopper.stopped:
+            self._holder = None
         elif self.conn.execute("SELECT EXISTS (SELECT FROM bulk_sync._event_outbox)").fetchone()[0]:
             self._name_blocking_publisher()
+        else:
+            self._holder = None
         return total
 
     def _name_blocking_publisher(self) -> None:
-        """Events wait and none could be published: log the session that holds the publish lock
-        while idle in its transaction, once per such transaction."""
+        """Events wait and none could be published: once the session holding the publish lock has
+        held on for BLOCKED_AFTER_S, log it (once for as long as it holds on)."""
         assert self.conn is not None
         row = self.conn.execute(
-            BLOCKING_PUBLISHER,
-            {"classid": LOCK_CLASSID, "objid": LOCK_PUBLISH, "after": BLOCKED_AFTER_S},
+            PUBLISH_LOCK_HOLDER, {"classid": LOCK_CLASSID, "objid": LOCK_PUBLISH}
         ).fetchone()
-        if row is None or row == self._blocked_by:
+        if row is None:
+            self._holder = None
             return
-        self._blocked_by = row
-        pid, application, state, since = row
+        pid, application, state, idle_s = row
+        now = time.monotonic()
+        if self._holder is None or self._holder[0] != pid:
+            self._holder = (pid, now - float(idle_s or 0), False)
+        since, logged = self._holder[1:]
+        if logged or now - since < BLOCKED_AFTER_S:
+            return
+        self._holder = (pid, since, True)
         self.log(
             "publish_blocked",
             pid=pid,
             application_name=application,
             state=state,
-            transaction_start=since.isoformat(),
-            hint="events_since was called in a transaction still open: end it "
-            "(or SELECT pg_terminate_backend(pid)); call events_since as its own transaction",
+            held_s=int(now - since),
+            hint="a transaction that called events_since is still open: end it (or "
+            "pg_terminate_backend(pid)), and call events_since as its own transaction",
         )
 
     def reconcile_if_due(self) -> dict[str, Any] | None:
