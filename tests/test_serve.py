@@ -962,6 +962,27 @@ def test_reads_are_open_without_a_reader_token_and_everything_without_any(
     assert api.post("/api/actions/reconcile").status_code == 200
 
 
+def test_a_proxys_basic_credentials_are_not_taken_for_a_token(
+    db_url: str, start_server: Callable[..., Server]
+) -> None:
+    """Behind a reverse proxy that asks for HTTP Basic credentials, browsers send them with every
+    request. They are no bearer token: open endpoints answer, a GET's access_token still counts,
+    and an endpoint that needs a token says it wants a Bearer one."""
+    basic = {"Authorization": "Basic dXNlcjpzZWNyZXQ="}
+    env = {k: v for k, v in TOKEN_ENV.items() if "READER" not in k}
+    api = start_server(db_url, env).api
+    assert api.get("/api/status", headers=basic).status_code == 200
+    assert api.get("/", headers=basic).status_code == 200
+    error = assert_error(
+        api.post("/api/actions/log", action_body(), headers=basic), 401, "unauthorized"
+    )
+    assert "Bearer <token>" in error["message"], error
+
+    api = start_server(db_url, TOKEN_ENV).api
+    assert api.get(f"/api/status?access_token={R}", headers=basic).status_code == 200
+    assert_error(api.get("/api/status", headers=basic), 401, "unauthorized")
+
+
 @pytest.mark.parametrize(
     "env",
     [

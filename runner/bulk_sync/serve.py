@@ -465,12 +465,12 @@ HEALTH_SQL = "SELECT to_regprocedure('bulk_sync.status()') IS NOT NULL"
 
 
 def presented_token(request: Request) -> str | None:
-    """The bearer token of the request: the Authorization header, or on a GET the
-    ``access_token`` query parameter (RFC 6750 §2.3)."""
-    auth = request.headers.get("authorization")
-    if auth is not None:
-        scheme, _, token = auth.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    """The bearer token of the request: a Bearer Authorization header, or on a GET the
+    ``access_token`` query parameter (RFC 6750 §2.3). Credentials of another scheme (the Basic
+    ones a reverse proxy asks browsers for, and which they then send everywhere) are no token."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        if not token.strip():
             raise ApiError(
                 401,
                 "unauthorized",
@@ -505,7 +505,12 @@ def authorize(settings: Settings, request: Request, needs: int) -> int:
     if not is_open:
         challenge = {"WWW-Authenticate": "Bearer"}
         if token is None:
-            raise ApiError(401, "unauthorized", "a bearer token is required", headers=challenge)
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a bearer token is required ('Authorization: Bearer <token>')",
+                headers=challenge,
+            )
         if level == 0:
             raise ApiError(401, "unauthorized", "unknown token", headers=challenge)
         if level < needs:
