@@ -688,6 +688,8 @@ STATUS_CASES: list[tuple[str, str, str, str | None, dict[str, Any], int, str]] =
     ),
     ("a misspelt limit", "GET", "/api/leaderboard?limt=5", R, {}, 400, "BS001"),
     ("an unknown parameter on the stream", "GET", "/api/events/stream?from=3", R, {}, 400, "BS001"),
+    ("a parameter given twice", "GET", "/api/leaderboard?limit=1&limit=2", R, {}, 400, "BS001"),
+    ("given twice on the stream", "GET", "/api/events/stream?after=1&after=2", R, {}, 400, "BS001"),
     ("limit not an integer", "GET", "/api/leaderboard?limit=ten", R, {}, 400, "BS001"),
     ("limit over the SQL's", "GET", "/api/leaderboard?limit=100000", R, {}, 400, "BS001"),
     ("after negative", "GET", "/api/events?after=-1", R, {}, 400, "BS001"),

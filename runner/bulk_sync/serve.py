@@ -307,11 +307,17 @@ def query_time(name: str) -> Param:
 
 def check_query(request: Request, names: set[str]) -> None:
     """BS001 for a query parameter the endpoint does not take (a typo such as ``as_off`` would
-    otherwise be ignored, and the default answered as if it were what was asked)."""
+    otherwise be ignored, and the default answered as if it were what was asked), and for one
+    given twice (only one of the two values could be answered)."""
     unknown = sorted(set(request.query_params) - names - {"access_token"})
     if unknown:
         allowed = ", ".join(sorted(names)) or "none"
         raise bad_input(f"unknown query parameter {unknown[0]!r}", f"it takes: {allowed}")
+    repeated = sorted(
+        k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1
+    )
+    if repeated:
+        raise bad_input(f"query parameter {repeated[0]!r} is given more than once")
 
 
 def header(name: str, key: str) -> Param:
