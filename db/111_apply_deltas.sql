@@ -1,9 +1,25 @@
 -- _apply_deltas: applies changes of the counted set to user_stats, one global slot (_take_slot) and
 -- the event outbox (one row per call), in the caller's transaction: one _user_delta per user, in
 -- user_id order. The only code that moves totals. Its callers: the three count triggers (db/120-122),
--- and _insert_new_actions, which applies a bulk load's gains before inserting its actions.
-CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(p_deltas bulk_sync._user_delta[])
-RETURNS void
+-- _insert_new_actions, which applies a bulk load's gains before inserting its actions, and log_action,
+-- which applies its one action's gain after inserting it (the insert trigger skips that statement).
+-- Returns the global total its event carries and, for one delta, that user's new total.
+
+-- Earlier releases returned void, and CREATE OR REPLACE cannot change a return type.
+DO $$
+BEGIN
+    IF to_regprocedure('bulk_sync._apply_deltas(bulk_sync._user_delta[])') IS NOT NULL
+       AND (SELECT p.prorettype FROM pg_catalog.pg_proc AS p
+             WHERE p.oid = to_regprocedure('bulk_sync._apply_deltas(bulk_sync._user_delta[])')) = 'pg_catalog.void'::regtype THEN
+        DROP FUNCTION bulk_sync._apply_deltas(bulk_sync._user_delta[]);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION bulk_sync._apply_deltas(
+    p_deltas          bulk_sync._user_delta[],
+    OUT global_total  numeric,
+    OUT user_total    numeric)
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -13,7 +29,6 @@ DECLARE
     v_delta      numeric;
     v_removed    uuid[];
     v_slots      bigint;
-    v_global     numeric;
     v_plan_mode  text;
     v_slot       integer;
 BEGIN
@@ -44,10 +59,12 @@ BEGIN
             END IF;
         END IF;
 
-        -- This statement sees the slot moved above, so the event carries the total after the change.
+        -- Read after the slot moved above, so the event carries the total after the change.
+        global_total := bulk_sync._current_global_total();
+        user_total := v_total;
         INSERT INTO bulk_sync._event_outbox (events, event_count, global_total)
         VALUES (ARRAY[(v_one.kind, v_one.user_id, v_one.action_id, v_total, v_count)::bulk_sync._user_event], 1,
-                bulk_sync._current_global_total());
+                _apply_deltas.global_total);
         RETURN;
     END IF;
 
@@ -83,7 +100,7 @@ BEGIN
     END IF;
 
     -- The slots are read before the statement below moves one of them, hence "+ v_delta".
-    v_global := bulk_sync._current_global_total() + v_delta;
+    global_total := bulk_sync._current_global_total() + v_delta;
     IF v_delta <> 0 THEN
         v_slot := bulk_sync._take_slot();
     END IF;
@@ -117,7 +134,7 @@ BEGIN
         SELECT array_agg((d.kind, d.user_id, d.action_id, t.total_emissions_lbs, t.action_count)::bulk_sync._user_event
                          ORDER BY d.user_id),
                count(*),
-               v_global
+               _apply_deltas.global_total
           FROM d JOIN totals AS t ON t.user_id = d.user_id
         HAVING count(*) > 0
     )

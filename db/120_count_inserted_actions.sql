@@ -1,21 +1,26 @@
 -- _count_inserted_actions: statement-level AFTER INSERT trigger on user_actions.
 -- Adds the statement's counted actions to the totals, one aggregated change per user.
+--
+-- Not fired for log_action's INSERT of its one action: log_action applies that gain itself, right after
+-- (with _apply_deltas, which hands it the totals for its response), and marks the statement with the
+-- setting bulk_sync.counted_by_caller, set just before it and cleared just after. Set by hand, it does
+-- what ALTER TABLE ... DISABLE TRIGGER does, which anyone allowed to INSERT into user_actions (only its
+-- owner is) can do anyway; reconcile() finds and fixes what such a statement leaves uncounted.
 CREATE OR REPLACE FUNCTION bulk_sync._count_inserted_actions()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_first   record;
     v_deltas  bulk_sync._user_delta[];
     v_claim   text;
     v_found   text;
 BEGIN
     -- A bulk load applies its gains itself before its INSERT and claims them in _precount_claims: how
     -- many counted actions it inserts and their sum (see _insert_new_actions). The setting
-    -- bulk_sync.precounted only says that there is a claim to look for, so the statements of log_action
-    -- never read the table; any session may set it, and alone it claims nothing. The claim is used up here, and must match
-    -- what was inserted, so it never covers any other statement.
+    -- bulk_sync.precounted only says that there is a claim to look for, so that other statements never
+    -- read the table; any session may set it, and alone it claims nothing. The claim is used up here,
+    -- and must match what was inserted, so it never covers any other statement.
     IF current_setting('bulk_sync.precounted', true) <> '' THEN
         PERFORM set_config('bulk_sync.precounted', '', true);
         DELETE FROM bulk_sync._precount_claims AS c WHERE c.xid = pg_current_xact_id() RETURNING c.claim INTO v_claim;
@@ -31,30 +36,19 @@ BEGIN
         END IF;
     END IF;
 
-    -- The first counted action and how many there are: a single one (every log_action that counts)
-    -- is its user's whole change, with nothing to group (grouping costs it ~8% of its time).
-    SELECT n.user_id, n.emissions_saved_lbs, n.logged_at, n.action_id, count(*) OVER () AS counted
-      INTO v_first
-      FROM new_actions AS n
-     WHERE n.verified AND NOT n.revoked
-     LIMIT 1;
-    IF NOT FOUND THEN
+    SELECT array_agg((g.user_id, g.lbs, g.n, g.latest, false, g.action_id, 'logged')::bulk_sync._user_delta
+                     ORDER BY g.user_id)
+      INTO v_deltas
+      FROM (SELECT n.user_id,
+                   sum(n.emissions_saved_lbs) AS lbs,
+                   count(*)::integer AS n,
+                   max(n.logged_at) AS latest,
+                   CASE WHEN count(*) = 1 THEN (array_agg(n.action_id))[1] END AS action_id
+              FROM new_actions AS n
+             WHERE n.verified AND NOT n.revoked
+             GROUP BY n.user_id) AS g;
+    IF v_deltas IS NULL THEN
         RETURN NULL;
-    ELSIF v_first.counted = 1 THEN
-        v_deltas := ARRAY[(v_first.user_id, v_first.emissions_saved_lbs, 1, v_first.logged_at, false,
-                           v_first.action_id, 'logged')::bulk_sync._user_delta];
-    ELSE
-        SELECT array_agg((g.user_id, g.lbs, g.n, g.latest, false, g.action_id, 'logged')::bulk_sync._user_delta
-                         ORDER BY g.user_id)
-          INTO v_deltas
-          FROM (SELECT n.user_id,
-                       sum(n.emissions_saved_lbs) AS lbs,
-                       count(*)::integer AS n,
-                       max(n.logged_at) AS latest,
-                       CASE WHEN count(*) = 1 THEN (array_agg(n.action_id))[1] END AS action_id
-                  FROM new_actions AS n
-                 WHERE n.verified AND NOT n.revoked
-                 GROUP BY n.user_id) AS g;
     END IF;
 
     PERFORM bulk_sync._apply_deltas(v_deltas);
@@ -66,4 +60,5 @@ CREATE OR REPLACE TRIGGER _100_count_inserted
     AFTER INSERT ON bulk_sync.user_actions
     REFERENCING NEW TABLE AS new_actions
     FOR EACH STATEMENT
+    WHEN (current_setting('bulk_sync.counted_by_caller', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION bulk_sync._count_inserted_actions();

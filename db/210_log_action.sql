@@ -1,6 +1,8 @@
 -- log_action (positional form): records one action exactly once and returns the totals it produced.
--- The hot path of the API: one INSERT ... ON CONFLICT; the totals move in the same transaction through
--- the triggers on user_actions. Status: inserted, duplicate, verified; BS002 for conflicting facts.
+-- The hot path of the API: one INSERT ... ON CONFLICT, after which the call applies its gain itself
+-- (_apply_deltas, which returns the totals for the response; the insert trigger skips the statement).
+-- A verification moves the totals through the update trigger. Status: inserted, duplicate, verified;
+-- BS002 for conflicting facts.
 CREATE OR REPLACE FUNCTION bulk_sync.log_action(
     p_action_id  uuid,
     p_user_id    uuid,
@@ -19,6 +21,8 @@ DECLARE
     v_stored    bulk_sync.user_actions;
     v_status    text := 'inserted';
     v_reason    text;
+    v_inserted  boolean;
+    v_totals    record;
 BEGIN
     IF p_action_id IS NULL OR p_user_id IS NULL OR p_verified IS NULL THEN
         RAISE EXCEPTION 'log_action: % is required',
@@ -47,13 +51,23 @@ BEGIN
         PERFORM bulk_sync._lock_users(ARRAY[p_user_id]);
     END IF;
 
+    -- Counted here rather than by the insert trigger (see _count_inserted_actions): the gain's writes
+    -- are the same, and their totals are the response's, without reading them again.
+    PERFORM set_config('bulk_sync.counted_by_caller', 'on', true);
     INSERT INTO bulk_sync.user_actions AS a
            (action_id, user_id, emissions_saved_lbs, verified, logged_at, metadata, verified_at)
     VALUES (p_action_id, p_user_id, v_lbs, p_verified, p_logged_at, v_metadata,
             CASE WHEN p_verified THEN now() END)
         ON CONFLICT (action_id) DO NOTHING;
+    v_inserted := FOUND;
+    PERFORM set_config('bulk_sync.counted_by_caller', '', true);
 
-    IF NOT FOUND THEN
+    IF v_inserted AND p_verified THEN
+        v_totals := bulk_sync._apply_deltas(ARRAY[(p_user_id, v_lbs, 1, p_logged_at, false, p_action_id, 'logged')
+                                                  ::bulk_sync._user_delta]);
+        RETURN bulk_sync._log_response(v_status, p_action_id, p_user_id, v_lbs, true, false,
+                                       v_totals.user_total, v_totals.global_total);
+    ELSIF NOT v_inserted THEN
         SELECT * INTO v_stored FROM bulk_sync.user_actions AS a WHERE a.action_id = p_action_id FOR UPDATE;
         PERFORM bulk_sync._check_same_facts(v_stored.user_id, v_stored.emissions_saved_lbs, v_stored.logged_at,
                                             p_user_id, v_lbs, p_logged_at, 'log_action');

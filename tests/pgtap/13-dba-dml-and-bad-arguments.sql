@@ -1,8 +1,8 @@
 -- A DBA's direct INSERT and DELETE of actions are counted like any other change, also right after a
--- bulk load that applied its own gains, and the operational functions reject bad arguments with
+-- bulk load or a log_action that applied its own gains, and the operational functions reject bad arguments with
 -- BS001, changing nothing: the paths no other file reaches.
 BEGIN;
-SELECT plan(33);
+SELECT plan(42);
 
 \ir fixtures/common.sql
 
@@ -25,6 +25,46 @@ SELECT lives_ok($$INSERT INTO bulk_sync.user_actions (action_id, user_id, emissi
     VALUES ('00000000-0000-4000-8000-0000000000c1', '00000000-0000-4000-8000-000000000003', 1.5, true,
             '2025-11-05T12:00:00Z', now())$$, 'a direct INSERT of a verified action');
 SELECT is(tests.totals(), ARRAY['22.800000', '22.800000', '22.800000'], 'the direct INSERT is counted');
+
+-- log_action counts its action itself and has the insert trigger skip its INSERT, for that statement
+-- only: its answer carries the totals it wrote, and a direct INSERT after it is counted.
+SELECT is(bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000c4", "user_id": "00000000-0000-4000-8000-000000000003",
+    "lbs": "0.5", "logged_at": "2025-11-05T12:10:00Z", "verified": true}') - 'timestamp',
+    jsonb_build_object('success', true, 'status', 'inserted', 'action_id', '00000000-0000-4000-8000-0000000000c4',
+        'user_id', '00000000-0000-4000-8000-000000000003', 'emissions_lbs', '0.500000', 'user_total_lbs', '2.000000',
+        'global_total_lbs', '23.300000', 'is_duplicate', false, 'message', 'Emission logged successfully'),
+    'log_action answers with the totals it wrote');
+SELECT results_eq(
+    $$SELECT payload ->> 'action_id', payload ->> 'user_total_lbs', payload ->> 'global_total_lbs'
+        FROM bulk_sync.events_since(0, 10000) ORDER BY event_id DESC LIMIT 1$$,
+    $$VALUES ('00000000-0000-4000-8000-0000000000c4', '2.000000', '23.300000')$$,
+    'and its event carries the same');
+SELECT is(nullif(current_setting('bulk_sync.counted_by_caller', true), ''), NULL, 'log_action left no mark behind');
+SELECT lives_ok($$INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
+    VALUES ('00000000-0000-4000-8000-0000000000c5', '00000000-0000-4000-8000-000000000003', 0.25, true,
+            '2025-11-05T12:20:00Z', now())$$, 'a direct INSERT right after log_action');
+SELECT is(tests.totals(), ARRAY['23.550000', '23.550000', '23.550000'], 'is counted');
+-- A log_action whose INSERT fails leaves no mark either: the failed statement's (sub)transaction
+-- takes the setting with it.
+CREATE FUNCTION pg_temp.refuse_c6() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.action_id = '00000000-0000-4000-8000-0000000000c6' THEN
+        RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'P0001';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tests_refuse_c6 BEFORE INSERT ON bulk_sync.user_actions FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse_c6();
+SELECT throws_ok($$SELECT bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000c6",
+    "user_id": "00000000-0000-4000-8000-000000000003", "lbs": "1", "logged_at": "2025-11-05T12:30:00Z", "verified": true}')$$,
+    'P0001', 'refused by the test', 'a log_action whose INSERT fails');
+DROP TRIGGER tests_refuse_c6 ON bulk_sync.user_actions;
+SELECT is(nullif(current_setting('bulk_sync.counted_by_caller', true), ''), NULL, 'left no mark behind');
+SELECT lives_ok($$INSERT INTO bulk_sync.user_actions (action_id, user_id, emissions_saved_lbs, verified, logged_at, verified_at)
+    VALUES ('00000000-0000-4000-8000-0000000000c6', '00000000-0000-4000-8000-000000000003', 0.25, true,
+            '2025-11-05T12:30:00Z', now())$$, 'so a direct INSERT after it');
+SELECT is(tests.totals(), ARRAY['23.800000', '23.800000', '23.800000'], 'is counted');
+
 -- A claim that does not match what a statement inserts stops it, and nothing changes.
 SELECT tests.mark('after insert');
 SELECT throws_ok($sql$DO $claim$
@@ -43,7 +83,7 @@ SELECT is(tests.fingerprint(), tests.fp('after insert'), 'the refused INSERT cha
 SELECT lives_ok($$DELETE FROM bulk_sync.user_actions WHERE action_id IN
     ('00000000-0000-4000-8000-0000000000a2', '00000000-0000-4000-8000-0000000000a3',
      '00000000-0000-4000-8000-0000000000b1')$$, 'a direct DELETE of three actions');
-SELECT is(tests.totals(), ARRAY['11.700000', '11.700000', '11.700000'], 'the totals lost exactly the counted ones');
+SELECT is(tests.totals(), ARRAY['12.700000', '12.700000', '12.700000'], 'the totals lost exactly the counted ones');
 SELECT is((SELECT (total_emissions_lbs::text, action_count, last_action_at)::text FROM bulk_sync.user_stats
             WHERE user_id = '00000000-0000-4000-8000-000000000001'),
           '(10.200000,1,"2025-11-05 10:00:00+00")', 'u1: total, count and latest action follow');
@@ -79,16 +119,17 @@ SELECT throws_ok(format('SELECT bulk_sync.bulk_backfill(%L)', jsonb_build_object
     'BS001', NULL, 'bulk_backfill: an idempotency_key of 201 characters');
 SELECT is(tests.fingerprint(), tests.fp('after delete'), 'the rejected calls changed nothing');
 
--- The setting alone claims nothing: any session may set it. A writer who sets it before log_action
--- still has its action counted.
+-- The settings alone claim nothing: any session may set them. A writer who sets them before log_action
+-- still has its action counted (and may not INSERT into user_actions itself: 08-security).
 CREATE ROLE tests_writer NOLOGIN IN ROLE bulk_sync_writer;
 SET LOCAL ROLE tests_writer;
 SET LOCAL bulk_sync.precounted = '1 5.000000';
+SET LOCAL bulk_sync.counted_by_caller = 'on';
 SELECT is(bulk_sync.log_action('{"action_id": "00000000-0000-4000-8000-0000000000c3", "user_id": "00000000-0000-4000-8000-0000000000d9",
     "lbs": "5", "logged_at": "2025-11-05T12:00:00Z", "verified": true}') ->> 'user_total_lbs', '5.000000',
-    'a writer''s own bulk_sync.precounted does not keep its action from the totals');
+    'a writer''s own settings do not keep its action from the totals');
 RESET ROLE;
-SELECT is(tests.totals(), ARRAY['16.700000', '16.700000', '16.700000'], 'the three totals moved by its 5 lbs');
+SELECT is(tests.totals(), ARRAY['17.700000', '17.700000', '17.700000'], 'the three totals moved by its 5 lbs');
 
 SELECT * FROM finish();
 ROLLBACK;
