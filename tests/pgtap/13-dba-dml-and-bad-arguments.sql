@@ -1,6 +1,6 @@
 -- A DBA's direct INSERT and DELETE of actions are counted like any other change, also right after a
--- bulk load or a log_action that applied its own gains, and the operational functions reject bad arguments with
--- BS001, changing nothing: the paths no other file reaches.
+-- bulk load or a log_action that applied its own gains, and the operational functions reject bad
+-- arguments with BS001, changing nothing: the paths no other file reaches.
 BEGIN;
 SELECT plan(42);
 
