@@ -13,6 +13,7 @@ Every response seen here is checked against the server's own OpenAPI document.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -1316,6 +1317,68 @@ def test_page_shows_the_leaderboard_and_follows_it_live_in_chromium(
         assert after["marker"] == "same page"  # no reload happened
     finally:
         browser.close()
+
+
+class RecordingTransport:
+    """What GatheredWrites hands on, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def close(self) -> None:
+        self.calls.append(("close", b""))
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append(("abort", b""))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 5
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra {name}"
+
+
+def test_gathered_writes_send_one_turns_writes_as_one() -> None:
+    async def scenario() -> None:
+        under = RecordingTransport()
+        gathered = serve.GatheredWrites(under, asyncio.get_running_loop())  # type: ignore[arg-type]
+        gathered.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        gathered.write(bytearray(b"{}"))
+        assert under.calls == []  # nothing is sent before the turn ends
+        assert gathered.get_write_buffer_size() == 5 + 21
+        await asyncio.sleep(0)
+        assert under.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\n{}")]
+        gathered.writelines([b"a", b"b"])
+        gathered.write(b"c")
+        await asyncio.sleep(0)
+        assert under.calls[1:] == [("write", b"abc")]
+        assert gathered.get_extra_info("peername") == "extra peername"
+
+        gathered.write(b"last")
+        gathered.close()  # what is pending goes out before the close
+        await asyncio.sleep(0)
+        assert under.calls[2:] == [("write", b"last"), ("close", b"")]
+        gathered.write(b"after the close")
+        await asyncio.sleep(0)
+        assert under.calls[4:] == []
+
+        under = RecordingTransport()
+        gathered = serve.GatheredWrites(under, asyncio.get_running_loop())  # type: ignore[arg-type]
+        gathered.write(b"dropped")
+        gathered.abort()
+        await asyncio.sleep(0)
+        assert under.calls == [("abort", b"")]
+
+    asyncio.run(scenario())
 
 
 def test_default_body_limit_is_64_mib() -> None:

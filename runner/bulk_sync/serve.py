@@ -31,12 +31,12 @@ import re
 import select
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import quote, unquote_plus
 
 import psycopg
@@ -49,6 +49,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.logging import AccessFormatter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bulk_sync import events
 from bulk_sync.db import APP_NAME, CLIENT_ENCODING, INT4_MAX, INT8_MAX, MIGRATE_HINT, connect
@@ -1245,6 +1246,65 @@ def redact(path: str) -> str:
     return base + "?" + "&".join(parts)
 
 
+class GatheredWrites:
+    """A transport that sends what one turn of the event loop wrote to it as one write.
+
+    uvicorn writes a response's status line and headers, then its body, and uvloop sends each
+    write at once: two ``send()`` calls a response, each waking the client. The coalescer
+    answers a whole batch in one turn, so gathering them halves the calls; server CPU per
+    logged action fell by about a tenth (docs/PERFORMANCE.md). Anything but writing and
+    closing is the transport's own.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing through ``GatheredWrites``."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gathered = GatheredWrites(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(cast(asyncio.Transport, gathered))
+
+
 def log_config() -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact_tokens": {"()": "bulk_sync.serve.RedactTokens"}}
@@ -1270,6 +1330,7 @@ def run(
         port=port,
         workers=workers,
         log_config=log_config(),
+        http=HttpProtocol,
         server_header=False,
         access_log=access_log,
         timeout_graceful_shutdown=3,
