@@ -10,6 +10,7 @@ DECLARE
     v_results   jsonb;
     v_users     uuid[];
     v_new_users uuid[];
+    v_plan_mode text;
 BEGIN
     IF cardinality(p_items) = 0 THEN
         RETURN '{}'::jsonb;
@@ -26,6 +27,11 @@ BEGIN
     -- an action_id's facts are the stored action's, else those of its first action (which inserts it);
     -- other facts are BS002; the first verified action of a pending action_id verifies it; the rest are
     -- duplicates. Totals after each action are running sums in array order.
+    -- The plan cache would re-plan this statement on every call, as it takes the batch as a parameter;
+    -- its generic plan (hash and index joins) is as good at any size. Forced for it only: the DELETE
+    -- below needs the custom plan's sizes to choose a hash join.
+    v_plan_mode := current_setting('plan_cache_mode');
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
     WITH items AS (
         SELECT i.* FROM unnest(p_items) AS i
     ), stored AS (
@@ -109,6 +115,7 @@ BEGIN
            END)
       INTO v_results
       FROM outcome AS o;  -- inserted, verified and audit run too: a data-modifying WITH always runs to completion
+    PERFORM set_config('plan_cache_mode', v_plan_mode, true);
 
     IF cardinality(v_new_users) > 0 THEN
         DELETE FROM bulk_sync.user_stats AS s

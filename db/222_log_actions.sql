@@ -17,13 +17,19 @@ DECLARE
     v_message      text;
     v_detail       text;
     v_created      uuid[];
+    v_plan_mode    text;
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'log_actions', ARRAY['actions']);
     v_total := jsonb_array_length(v_actions);
 
     -- 1. Each invalid action's error, as log_action(jsonb) raises it (_parse_action: the first problem).
     -- The forms of the uuids and times are matched for the whole batch at once (_actions_in_form).
+    -- Given the batch as a parameter, the plan cache re-plans this statement on every call, and
+    -- planning it (with _action_problems inlined) cost more than running it; its generic plan is a
+    -- loop over the actions at any size. Forced for 1 and 2 only, as in _apply_deltas.
     v_in_form := bulk_sync._actions_in_form(v_actions);
+    v_plan_mode := current_setting('plan_cache_mode');
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
     SELECT jsonb_object_agg(e.idx - 1, jsonb_build_object(
                'success', false,
                'action_id', CASE WHEN jsonb_typeof(e.doc) = 'object' THEN e.doc -> 'action_id' END,
@@ -42,6 +48,7 @@ BEGIN
       FROM jsonb_array_elements(v_actions) WITH ORDINALITY AS e(doc, idx)
      CROSS JOIN LATERAL bulk_sync._action_values(e.doc) AS v
      WHERE NOT v_failed ? (e.idx - 1)::text;
+    PERFORM set_config('plan_cache_mode', v_plan_mode, true);
 
     BEGIN
         v_results := bulk_sync._log_batch(v_items);

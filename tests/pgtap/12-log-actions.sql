@@ -2,7 +2,7 @@
 -- one transaction, would return, and the ledger ends as it would. Every scenario runs both ways from the
 -- same state (each undone after), and the results (less the call's timestamp) and the state must match.
 BEGIN;
-SELECT plan(49);
+SELECT plan(53);
 
 \ir fixtures/common.sql
 
@@ -191,6 +191,16 @@ SELECT is(tests.totals(), ARRAY['600000000000000000000020.950000', '600000000000
 SELECT is((SELECT count(*) FROM bulk_sync.events_since(0, 10000)
             WHERE payload ->> 'user_id' IN ('00000000-0000-4000-8000-000000000004', '00000000-0000-4000-8000-000000000005')),
           2::bigint, 'one event per user of the batch');
+
+-- The set statements run with generic plans, forced around them alone: whichever path a call takes,
+-- the caller's plan_cache_mode is the same after it.
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true);
+SELECT lives_ok($$SELECT bulk_sync.log_actions(jsonb_build_object('actions', jsonb_build_array(
+    tests.a('f4', '6', '1'), tests.a('f5', '6', '-1'))))$$, 'a batch with a bad action');
+SELECT is(current_setting('plan_cache_mode'), 'force_custom_plan', 'a set-based call keeps the caller''s plan_cache_mode');
+SELECT lives_ok($$SELECT bulk_sync.log_actions(jsonb_build_object('actions', jsonb_build_array(
+    tests.a('fb', '8', '1'), tests.a('fc', '8', '600000000000000000000000'))))$$, 'a batch that overflows');
+SELECT is(current_setting('plan_cache_mode'), 'force_custom_plan', 'so does a call that takes the per-action path');
 
 SELECT * FROM finish();
 ROLLBACK;
