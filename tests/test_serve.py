@@ -1357,10 +1357,14 @@ def test_gathered_writes_send_one_turns_writes_as_one() -> None:
         assert gathered.get_write_buffer_size() == 5 + 21
         await asyncio.sleep(0)
         assert under.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\n{}")]
-        gathered.writelines([b"a", b"b"])
+        gathered.writelines([b"a", b"", b"b"])
         gathered.write(b"c")
+        gathered.write(b"")
         await asyncio.sleep(0)
         assert under.calls[1:] == [("write", b"abc")]
+        gathered.write(b"")  # nothing to send, as with asyncio's transports
+        await asyncio.sleep(0)
+        assert under.calls[2:] == []
         assert gathered.get_extra_info("peername") == "extra peername"
 
         gathered.write(b"last")
