@@ -34,14 +34,13 @@ SELECT cmp_ok((SELECT count(*) FROM pg_proc AS p JOIN pg_language AS l ON l.oid 
                   AND p.proname LIKE '\_%' AND pg_temp.inlined(p.oid)),
               '>=', 12::bigint, 'the per-row helpers are found and inlined');
 
--- The scalar SQL functions that are not inlined: each reads tables, or (_actions_in_form, once a
--- batch) aggregates, so its body is a query.
+-- The scalar SQL functions that are not inlined: each reads tables, so its body is a query.
 SELECT set_eq(
     $$SELECT p.proname::text
         FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
        WHERE p.pronamespace = 'bulk_sync'::regnamespace AND l.lanname = 'sql' AND NOT p.proretset
          AND NOT pg_temp.inlined(p.oid)$$,
-    ARRAY['_actions_in_form', '_emit_user_events', '_recent_actions', 'leaderboard_json', 'global_total', 'status'],
+    ARRAY['_emit_user_events', '_recent_actions', 'leaderboard_json', 'global_total', 'status'],
     'every scalar SQL function of bulk_sync that is a single expression is inlined');
 
 -- Inlining can also stop one level down: a helper given an argument that is costly to compute (a
