@@ -18,6 +18,7 @@ DECLARE
     v_detail       text;
     v_created      uuid[];
     v_plan_mode    text;
+    v_response     jsonb;
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'log_actions', ARRAY['actions']);
     v_total := jsonb_array_length(v_actions);
@@ -26,7 +27,8 @@ BEGIN
     -- The forms of the uuids and times are matched for the whole batch at once (_actions_in_form).
     -- Given the batch as a parameter, the plan cache re-plans this statement on every call, and
     -- planning it (with _action_problems inlined) cost more than running it; its generic plan is a
-    -- loop over the actions at any size. Forced for 1 and 2 only, as in _apply_deltas.
+    -- loop over the actions at any size. Forced around 1, 2 and the results only, as in _apply_deltas
+    -- (_log_batch forces its own).
     v_in_form := bulk_sync._actions_in_form(v_actions);
     v_plan_mode := current_setting('plan_cache_mode');
     PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
@@ -79,11 +81,15 @@ BEGIN
                             WHERE i.user_id = s.user_id AND i.verified AND v_results -> i.idx::text ? 'status');
     END;
 
+    -- The results in order, planned once too: a custom plan would differ only in the batch's size.
     v_results := v_results || v_failed;
-    RETURN jsonb_build_object(
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    v_response := jsonb_build_object(
         'results',          (SELECT coalesce(jsonb_agg(v_results -> i::text ORDER BY i), '[]')
                                FROM generate_series(0, v_total - 1) AS i),
         'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
+    PERFORM set_config('plan_cache_mode', v_plan_mode, true);
+    RETURN v_response;
 END
 $$;
 COMMENT ON FUNCTION bulk_sync.log_actions(jsonb) IS
