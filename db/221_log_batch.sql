@@ -1,19 +1,32 @@
--- _log_batch: log_actions' set-based core: valid, typed actions in, {index: log_action's response or its
--- BS002 error} out, in one statement. Raises unique_violation when another writer stored one of the new
--- actions meanwhile.
+-- _log_batch: log_actions' set-based core: valid, typed actions in, in one statement; out, for each of
+-- them in the same order, log_action's response or its BS002 error. Raises unique_violation when another
+-- writer stored one of the new actions meanwhile.
+-- An array, not a jsonb object keyed by index: every jsonb built from other jsonb values copies them
+-- token by token, and the object cost log_actions two such copies of all its results.
+
+-- Earlier releases returned that object, and CREATE OR REPLACE cannot change a return type.
+DO $$
+BEGIN
+    IF (SELECT p.prorettype FROM pg_catalog.pg_proc AS p
+         WHERE p.oid = to_regprocedure('bulk_sync._log_batch(bulk_sync._batch_action[])')) = 'pg_catalog.jsonb'::regtype THEN
+        DROP FUNCTION bulk_sync._log_batch(bulk_sync._batch_action[]);
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION bulk_sync._log_batch(p_items bulk_sync._batch_action[])
-RETURNS jsonb
+RETURNS jsonb[]
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_global    numeric;
-    v_results   jsonb;
+    v_results   jsonb[];
     v_users     uuid[];
     v_new_users uuid[];
     v_plan_mode text;
 BEGIN
     IF cardinality(p_items) = 0 THEN
-        RETURN '{}'::jsonb;
+        RETURN '{}';
     END IF;
 
     -- Users first, as log_action: the users of the verified actions, in user_id order. Which of them
@@ -101,7 +114,7 @@ BEGIN
          WHERE o.status = 'verified'
          ORDER BY o.idx
     )
-    SELECT jsonb_object_agg(o.idx, CASE
+    SELECT array_agg(CASE
                WHEN o.status = 'BS002'
                THEN jsonb_build_object(
                         'success', false, 'action_id', o.action_id,
@@ -112,7 +125,7 @@ BEGIN
                                                               o.user_id, o.lbs, o.logged_at)))
                ELSE bulk_sync._log_response(o.status, o.action_id, o.user_id, o.lbs, o.verified, o.revoked,
                                             o.user_total, o.global_total)
-           END)
+           END ORDER BY o.idx)
       INTO v_results
       FROM outcome AS o;  -- inserted, verified and audit run too: a data-modifying WITH always runs to completion
     PERFORM set_config('plan_cache_mode', v_plan_mode, true);
@@ -120,10 +133,12 @@ BEGIN
     IF cardinality(v_new_users) > 0 THEN
         DELETE FROM bulk_sync.user_stats AS s
          WHERE s.user_id = ANY (v_new_users) AND s.action_count = 0
-           AND s.user_id IN (SELECT i.user_id FROM unnest(p_items) AS i
-                              WHERE i.verified
-                              GROUP BY i.user_id
-                             HAVING bool_and(v_results -> i.idx::text -> 'error' ->> 'code' = 'BS002'));
+           AND s.user_id IN (SELECT r.user_id
+                               FROM unnest(p_items, v_results)
+                                    AS r(idx, action_id, user_id, lbs, logged_at, verified, metadata, result)
+                              WHERE r.verified
+                              GROUP BY r.user_id
+                             HAVING bool_and(r.result -> 'error' ->> 'code' = 'BS002'));
     END IF;
     RETURN v_results;
 END

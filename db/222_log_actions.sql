@@ -12,7 +12,8 @@ DECLARE
     v_in_form      boolean;
     v_failed       jsonb;
     v_items        bulk_sync._batch_action[];
-    v_results      jsonb;
+    v_results      jsonb[];
+    v_next         integer;
     v_state        text;
     v_message      text;
     v_detail       text;
@@ -62,31 +63,39 @@ BEGIN
         -- another, out of order, and two such batches could each wait for the other.
         v_created := bulk_sync._lock_users(ARRAY(SELECT i.user_id FROM unnest(v_items) AS i WHERE i.verified));
         v_results := '{}';
+        v_next := 0;
         FOR i IN 0 .. v_total - 1 LOOP
             CONTINUE WHEN v_failed ? i::text;
+            v_next := v_next + 1;  -- v_items[v_next] is action i
             BEGIN
-                v_results := v_results || jsonb_build_object(i, bulk_sync.log_action(v_actions -> i));
+                v_results[v_next] := bulk_sync.log_action(v_actions -> i);
             EXCEPTION WHEN SQLSTATE 'BS002' OR numeric_value_out_of_range THEN
                 GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
-                v_results := v_results || jsonb_build_object(i, jsonb_build_object(
+                v_results[v_next] := jsonb_build_object(
                     'success', false, 'action_id', v_actions -> i -> 'action_id',
-                    'error', jsonb_build_object('code', v_state, 'message', v_message, 'detail', nullif(v_detail, ''))));
+                    'error', jsonb_build_object('code', v_state, 'message', v_message, 'detail', nullif(v_detail, '')));
             END;
         END LOOP;
         -- A failed log_action undoes the row it created for its user; so does this, for users none
         -- of whose actions here succeeded.
         DELETE FROM bulk_sync.user_stats AS s
          WHERE s.user_id = ANY (v_created)
-           AND NOT EXISTS (SELECT FROM unnest(v_items) AS i
-                            WHERE i.user_id = s.user_id AND i.verified AND v_results -> i.idx::text ? 'status');
+           AND NOT EXISTS (SELECT FROM unnest(v_items, v_results)
+                                       AS r(idx, action_id, user_id, lbs, logged_at, verified, metadata, result)
+                            WHERE r.user_id = s.user_id AND r.verified AND r.result ? 'status');
     END;
 
     -- The results in order, planned once too: a custom plan would differ only in the batch's size.
-    v_results := v_results || v_failed;
+    -- v_results holds those of v_items, position for position.
     PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
     v_response := jsonb_build_object(
-        'results',          (SELECT coalesce(jsonb_agg(v_results -> i::text ORDER BY i), '[]')
-                               FROM generate_series(0, v_total - 1) AS i),
+        'results',          (SELECT coalesce(jsonb_agg(r.result ORDER BY r.idx), '[]')
+                               FROM (SELECT b.idx, b.result
+                                       FROM unnest(v_items, v_results)
+                                            AS b(idx, action_id, user_id, lbs, logged_at, verified, metadata, result)
+                                     UNION ALL
+                                     SELECT f.key::integer, f.value
+                                       FROM jsonb_each(v_failed) AS f) AS r),
         'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
     PERFORM set_config('plan_cache_mode', v_plan_mode, true);
     RETURN v_response;
