@@ -310,6 +310,8 @@ def check_query(request: Request, names: set[str]) -> None:
     """BS001 for a query parameter the endpoint does not take (a typo such as ``as_off`` would
     otherwise be ignored, and the default answered as if it were what was asked), and for one
     given twice (only one of the two values could be answered)."""
+    if not request.scope["query_string"]:  # most requests: parsing nothing cost each 6 µs
+        return
     unknown = sorted(set(request.query_params) - names - {"access_token"})
     if unknown:
         allowed = ", ".join(sorted(names)) or "none"
