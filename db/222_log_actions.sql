@@ -86,16 +86,18 @@ BEGIN
     END;
 
     -- The results in order, planned once too: a custom plan would differ only in the batch's size.
-    -- v_results holds those of v_items, position for position.
+    -- v_results holds those of v_items, position for position. Given as a jsonb[], they are copied
+    -- into the response once; a jsonb_agg would be copied into it again.
     PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
     v_response := jsonb_build_object(
-        'results',          (SELECT coalesce(jsonb_agg(r.result ORDER BY r.idx), '[]')
-                               FROM (SELECT b.idx, b.result
-                                       FROM unnest(v_items, v_results)
-                                            AS b(idx, action_id, user_id, lbs, logged_at, verified, metadata, result)
-                                     UNION ALL
-                                     SELECT f.key::integer, f.value
-                                       FROM jsonb_each(v_failed) AS f) AS r),
+        'results',          ARRAY(SELECT r.result
+                                    FROM (SELECT b.idx, b.result
+                                            FROM unnest(v_items, v_results)
+                                                 AS b(idx, action_id, user_id, lbs, logged_at, verified, metadata, result)
+                                          UNION ALL
+                                          SELECT f.key::integer, f.value
+                                            FROM jsonb_each(v_failed) AS f) AS r
+                                   ORDER BY r.idx),
         'global_total_lbs', bulk_sync._amount(bulk_sync._current_global_total()));
     PERFORM set_config('plan_cache_mode', v_plan_mode, true);
     RETURN v_response;
