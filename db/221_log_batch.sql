@@ -26,7 +26,7 @@ DECLARE
     v_plan_mode text;
 BEGIN
     IF cardinality(p_items) = 0 THEN
-        RETURN '{}';
+        RETURN '{}'::jsonb[];
     END IF;
 
     -- Users first, as log_action: the users of the verified actions, in user_id order. Which of them
