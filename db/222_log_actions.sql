@@ -8,12 +8,12 @@ SET search_path = bulk_sync, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_actions      jsonb;
-    v_total        integer;
     v_in_form      boolean;
     v_failed       jsonb;
     v_items        bulk_sync._batch_action[];
     v_results      jsonb[];
-    v_next         integer;
+    v_item         bulk_sync._batch_action;
+    v_result       jsonb;
     v_state        text;
     v_message      text;
     v_detail       text;
@@ -22,7 +22,6 @@ DECLARE
     v_response     jsonb;
 BEGIN
     v_actions := bulk_sync._request_actions(request, 'log_actions', ARRAY['actions']);
-    v_total := jsonb_array_length(v_actions);
 
     -- 1. Each invalid action's error, as log_action(jsonb) raises it (_parse_action: the first problem).
     -- The forms of the uuids and times are matched for the whole batch at once (_actions_in_form).
@@ -63,18 +62,16 @@ BEGIN
         -- another, out of order, and two such batches could each wait for the other.
         v_created := bulk_sync._lock_users(ARRAY(SELECT i.user_id FROM unnest(v_items) AS i WHERE i.verified));
         v_results := '{}';
-        v_next := 0;
-        FOR i IN 0 .. v_total - 1 LOOP
-            CONTINUE WHEN v_failed ? i::text;
-            v_next := v_next + 1;  -- v_items[v_next] is action i
+        FOREACH v_item IN ARRAY v_items LOOP
             BEGIN
-                v_results[v_next] := bulk_sync.log_action(v_actions -> i);
+                v_result := bulk_sync.log_action(v_actions -> v_item.idx);
             EXCEPTION WHEN SQLSTATE 'BS002' OR numeric_value_out_of_range THEN
                 GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
-                v_results[v_next] := jsonb_build_object(
-                    'success', false, 'action_id', v_actions -> i -> 'action_id',
+                v_result := jsonb_build_object(
+                    'success', false, 'action_id', v_actions -> v_item.idx -> 'action_id',
                     'error', jsonb_build_object('code', v_state, 'message', v_message, 'detail', nullif(v_detail, '')));
             END;
+            v_results := array_append(v_results, v_result);  -- position for position with v_items
         END LOOP;
         -- A failed log_action undoes the row it created for its user; so does this, for users none
         -- of whose actions here succeeded.
