@@ -561,6 +561,78 @@ def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str
     assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
 
 
+def test_log_actions_one_by_one_take_their_users_in_order(db_url: str) -> None:
+    """Two log_actions calls fall back to one action at a time, over the same users crosswise.
+
+    Each batch holds an action that would carry its user's total past NUMERIC(30,6), so its
+    set-based attempt fails and every action is logged on its own, in array order: one batch
+    goes through the users upwards, the other downwards. Each log_action keeps its user until
+    the transaction ends, so the fallback must take all of the batch's users first, in user_id
+    order, as one call does (db/222); taken action by action, the two batches would each hold
+    a user the other waits for.
+    """
+    rounds = 20
+    users = sorted(new_id() for _ in range(20))
+    big_user = new_id()
+    limit = Decimal("999999999999999999999000.000000")
+    with connect(db_url) as conn:
+        before = Decimal(assert_exact_totals(conn))
+        log_action(conn, action(new_id(), big_user, amount(limit), logged_at(0)))
+    batches = [
+        [
+            [action(new_id(), big_user, "1000.000000", logged_at(r))]
+            + [action(new_id(), u, "0.000001", logged_at(r)) for u in order]
+            for order in (users, users[::-1])
+        ]
+        for r in range(rounds)
+    ]
+    step = threading.Barrier(2)
+    deadlocks: list[str] = []
+    answers: list[list[tuple[str, str]]] = []
+
+    def side(index: int) -> None:
+        try:
+            with connect(db_url) as conn:
+                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
+                for pair in batches:
+                    step.wait(timeout=60)
+                    while True:  # a deadlock victim retries until its batch is in
+                        try:
+                            response = conn.execute(
+                                "SELECT bulk_sync.log_actions(%s)",
+                                (Jsonb({"actions": pair[index]}),),
+                            ).fetchone()[0]
+                            break
+                        except psycopg.Error as exc:
+                            if not is_retryable(exc):
+                                raise
+                            deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
+                    answers.append(
+                        [
+                            (r.get("status") or r["error"]["code"], r["action_id"])
+                            for r in response["results"]
+                        ]
+                    )
+        except BaseException:
+            step.abort()
+            raise
+
+    _run_threads(2, side)
+    assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
+    expected = sorted(
+        [("22003", batch[0]["action_id"])] + [("inserted", a["action_id"]) for a in batch[1:]]
+        for pair in batches
+        for batch in pair
+    )
+    assert sorted(answers) == expected
+    with connect(db_url) as conn:
+        assert_exact_totals(conn, before + limit + Decimal("0.000001") * 2 * rounds * len(users))
+        stats = per_user_stats(conn)
+        assert stats[big_user] == (amount(limit), 1)
+        each = (amount(Decimal("0.000001") * 2 * rounds), 2 * rounds)  # one action a batch
+        assert {u: stats[u] for u in users} == dict.fromkeys(users, each)
+
+
 def _wait_on_lock(db_url: str, pid: int, what: str) -> None:
     """Wait until backend ``pid`` waits for a lock."""
     with connect(db_url) as watcher:
