@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -36,6 +36,8 @@ from helpers import (
     sqlstate,
     wait_for,
 )
+
+R = TypeVar("R")  # one round of a lockstep test
 
 THREADS = 16
 ACTIONS_PER_THREAD = 150
@@ -440,6 +442,37 @@ def test_concurrent_identical_backfills_apply_once(db_url: str) -> None:
 # --------------------------------------------------------------------------- lock order
 
 
+def _in_lockstep(
+    db_url: str, rounds: Sequence[R], write: Callable[[psycopg.Connection, int, R], Any]
+) -> list[str]:
+    """Run ``write(conn, side, round)`` for each round on two connections (sides 0 and 1), both
+    sides starting each round together. A deadlock victim retries its write until it is in;
+    the deadlocks seen are returned."""
+    step = threading.Barrier(2)
+    deadlocks: list[str] = []
+
+    def side(index: int) -> None:
+        try:
+            with connect(db_url) as conn:
+                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
+                for item in rounds:
+                    step.wait(timeout=60)
+                    while True:
+                        try:
+                            write(conn, index, item)
+                            break
+                        except psycopg.Error as exc:
+                            if not is_retryable(exc):
+                                raise
+                            deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
+        except BaseException:
+            step.abort()  # do not leave the other side waiting at the barrier
+            raise
+
+    _run_threads(2, side)
+    return deadlocks
+
+
 def test_overlapping_bulk_backfills_do_not_deadlock(db_url: str) -> None:
     """Two bulk calls that each add to some users and verify others' pending actions, crosswise.
 
@@ -469,28 +502,7 @@ def test_overlapping_bulk_backfills_do_not_deadlock(db_url: str) -> None:
                     + [dict(p, verified=True) for p in pending_highs],
                 )
             )
-    step = threading.Barrier(2)
-    deadlocks: list[str] = []
-
-    def side(index: int) -> None:
-        try:
-            with connect(db_url) as conn:
-                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
-                for plan in plans:
-                    step.wait(timeout=60)
-                    while True:  # a deadlock victim retries until its batch is in
-                        try:
-                            bulk_backfill(conn, plan[index])
-                            break
-                        except psycopg.Error as exc:
-                            if not is_retryable(exc):
-                                raise
-                            deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
-        except BaseException:
-            step.abort()  # do not leave the other side waiting at the barrier
-            raise
-
-    _run_threads(2, side)
+    deadlocks = _in_lockstep(db_url, plans, lambda conn, i, plan: bulk_backfill(conn, plan[i]))
     expected = Decimal(rounds * pairs * (2 + 2 + 1 + 1))
     with connect(db_url) as conn:
         assert_exact_totals(conn, expected)
@@ -525,37 +537,18 @@ def test_bulk_and_single_action_writers_do_not_deadlock(db_url: str, single: str
             ]
             bulk_backfill(conn, [pending, *others])
             plans.append((pending, others))
-    step = threading.Barrier(2)
-    deadlocks: list[str] = []
     write_one = SINGLE_WRITERS[single]
 
-    def attempt(fn: Callable[[], Any]) -> None:
-        while True:  # a deadlock victim retries until its write is in
-            try:
-                fn()
-                return
-            except psycopg.Error as exc:
-                if not is_retryable(exc):
-                    raise
-                deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
+    def write(
+        conn: psycopg.Connection, index: int, plan: tuple[dict[str, Any], list[dict[str, Any]]]
+    ) -> None:
+        pending, others = plan
+        if index == 0:
+            bulk_backfill(conn, [dict(a, verified=True) for a in [*others, pending]])
+        else:
+            write_one(conn, pending)
 
-    def side(index: int) -> None:
-        try:
-            with connect(db_url) as conn:
-                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
-                for pending, others in plans:
-                    step.wait(timeout=60)
-                    if index == 0:
-                        batch = [dict(o, verified=True) for o in others]
-                        batch.append(dict(pending, verified=True))
-                        attempt(lambda b=batch: bulk_backfill(conn, b))
-                    else:
-                        attempt(lambda p=pending: write_one(conn, p))
-        except BaseException:
-            step.abort()
-            raise
-
-    _run_threads(2, side)
+    deadlocks = _in_lockstep(db_url, plans, write)
     with connect(db_url) as conn:
         assert_exact_totals(conn, Decimal(rounds * (padding + 1)))
     assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
@@ -586,38 +579,16 @@ def test_log_actions_one_by_one_take_their_users_in_order(db_url: str) -> None:
         ]
         for r in range(rounds)
     ]
-    step = threading.Barrier(2)
-    deadlocks: list[str] = []
     answers: list[list[tuple[str, str]]] = []
 
-    def side(index: int) -> None:
-        try:
-            with connect(db_url) as conn:
-                conn.execute("SET deadlock_timeout = '20ms'")  # detect quickly, keep it short
-                for pair in batches:
-                    step.wait(timeout=60)
-                    while True:  # a deadlock victim retries until its batch is in
-                        try:
-                            response = conn.execute(
-                                "SELECT bulk_sync.log_actions(%s)",
-                                (Jsonb({"actions": pair[index]}),),
-                            ).fetchone()[0]
-                            break
-                        except psycopg.Error as exc:
-                            if not is_retryable(exc):
-                                raise
-                            deadlocks.append(f"{exc.sqlstate}: {exc.diag.message_detail}")
-                    answers.append(
-                        [
-                            (r.get("status") or r["error"]["code"], r["action_id"])
-                            for r in response["results"]
-                        ]
-                    )
-        except BaseException:
-            step.abort()
-            raise
+    def write(conn: psycopg.Connection, index: int, pair: list[list[dict[str, Any]]]) -> None:
+        request = Jsonb({"actions": pair[index]})
+        response = conn.execute("SELECT bulk_sync.log_actions(%s)", (request,)).fetchone()[0]
+        answers.append(
+            [(r.get("status") or r["error"]["code"], r["action_id"]) for r in response["results"]]
+        )
 
-    _run_threads(2, side)
+    deadlocks = _in_lockstep(db_url, batches, write)
     assert deadlocks == [], f"{len(deadlocks)} deadlocks in {rounds} rounds: {deadlocks[0]}"
     expected = sorted(
         [("22003", batch[0]["action_id"])] + [("inserted", a["action_id"]) for a in batch[1:]]
