@@ -14,6 +14,8 @@ import io
 import json
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -952,6 +954,64 @@ def test_integers_past_pythons_digit_limit_are_judged_and_stored_exactly(
             ).fetchall()
         )
     assert found == {stored: [nines, "-0.00150", "0.10"], logged: [f"-{nines}", None, None]}
+
+
+def test_backfill_from_python_judges_a_long_integer_and_puts_the_limit_back(
+    db_url: str, tmp_path: Path
+) -> None:
+    """backfill() called as a library, under Python's default limit of 4,300 digits, answers an
+    amount of 5,001 digits with its element's BS001, as the CLI does, instead of crashing the
+    process in the JSON parser; the limit is Python's again once the load has ended."""
+    bad = tmp_path / "amount.json"
+    lbs = "1" + "0" * 5000
+    bad.write_text(
+        f'[{{"action_id": "{new_id()}", "user_id": "{new_id()}", "lbs": {lbs},'
+        f' "logged_at": "{logged_at(0)}", "verified": true}}]'
+    )
+    script = textwrap.dedent(
+        """
+        import sys
+        from bulk_sync.backfill import backfill
+        from bulk_sync.errors import CliError
+        print(sys.get_int_max_str_digits())
+        try:
+            with open(sys.argv[2], "rb") as stream:
+                backfill(sys.argv[1], stream, name=sys.argv[2])
+        except CliError as exc:
+            print(*exc.details, sep="\\n")
+        print(sys.get_int_max_str_digits())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, db_url, str(bad)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        check=False,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    before, problem, after = result.stdout.splitlines()
+    assert before == after == "4300"
+    assert problem.startswith("element 1 (action_id "), problem
+    assert "): BS001: lbs must be below 10^24" in problem
+    assert counts(db_url) == (0, 0, 0)
+
+
+def test_the_digit_limit_comes_back_when_the_last_of_two_loads_ends() -> None:
+    """Two loads in one process overlap: the first to end must not put the limit back under the
+    other, which may still be reading a long integer."""
+    loads = backfill_module._INTEGERS_OF_ANY_LENGTH
+    original = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(5000)
+    try:
+        loads.__enter__()  # one load begins
+        loads.__enter__()  # a second one begins
+        loads.__exit__(None, None, None)  # the first ends
+        assert sys.get_int_max_str_digits() == 0
+        loads.__exit__(None, None, None)  # the second ends
+        assert sys.get_int_max_str_digits() == 5000
+    finally:
+        sys.set_int_max_str_digits(original)
 
 
 def test_a_surrogate_pair_is_judged_whole_wherever_the_reads_cut_it() -> None:

@@ -400,8 +400,8 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
     ordinal = 0  # elements begun so far: the one being read is element ``ordinal``
     inside = False  # within element ``ordinal``, not between two elements
     found = closed = False
-    # Integers come as int: one longer than Python's digit limit crashes the parser, so the CLI
-    # lifts the limit before a load (cli._exact_integers).
+    # Integers come as int: one longer than Python's digit limit crashes the parser, so backfill()
+    # lifts the limit while it runs (_INTEGERS_OF_ANY_LENGTH).
     events = ijson.parse(_SurrogateCheck(stream), use_float=False)
     try:
         for prefix, event, value in events:
@@ -432,6 +432,36 @@ def _json_elements(stream: io.BufferedReader) -> Iterator[tuple[int, str]]:
         raise InputError(f"{where}: invalid UTF-8: {exc.reason}") from exc
     if not found:
         raise InputError('the JSON object has no "actions" array')
+
+
+class _IntegersOfAnyLength:
+    """While a load runs, Python converts integers of any length to and from text.
+
+    The JSON parser crashes the process (it does not raise) on an integer past Python's limit of
+    4,300 digits, and the SQL judges such an amount itself. The limit is the whole process's, so
+    it is lifted while any load runs in it and put back when the last one ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loads = 0
+        self._saved = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._loads == 0:
+                self._saved = sys.get_int_max_str_digits()
+                sys.set_int_max_str_digits(0)
+            self._loads += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._loads -= 1
+            if self._loads == 0:
+                sys.set_int_max_str_digits(self._saved)
+
+
+_INTEGERS_OF_ANY_LENGTH = _IntegersOfAnyLength()
 
 
 def _json_where(ordinal: int, inside: bool, closed: bool) -> str:
@@ -851,7 +881,7 @@ def backfill(
         parts[0][0].source = (stream.fileno(), 0, size, 1)
     summary = Summary(replayed=0 if idempotency_key else None)
     bar = _Progress(progress)
-    with connect(database_url) as conn:
+    with _INTEGERS_OF_ANY_LENGTH, connect(database_url) as conn:
         load = conn.execute(OPEN_STAGE, (None,)).fetchone()[0]
         conn.commit()  # the other sessions join the load
         sessions = [conn]

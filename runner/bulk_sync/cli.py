@@ -117,10 +117,9 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _exact_integers() -> None:
-    """Let this process read and write integers of any length as JSON text: a file's or
-    ``--metadata``'s JSON may hold one of more than the 4,300 digits Python converts by default
-    (the JSON parser of ``backfill`` crashes on one). The SQL judges an amount that large, and
-    metadata stores it as it is. The limit is the whole process's: ``serve`` keeps it."""
+    """Let this process read and write integers of any length as JSON text: ``--metadata``'s
+    JSON may hold one of more than the 4,300 digits Python converts by default, which metadata
+    stores as it is. (``backfill()`` lifts the limit itself while it loads a file.)"""
     sys.set_int_max_str_digits(0)
 
 
@@ -275,7 +274,6 @@ def backfill_command(
     bad row (up to 100) is reported with its line number. It is then applied in chunks of whole
     users, each committed on its own; a failed or interrupted run can simply be run again.
     """
-    _exact_integers()
     summary = backfill(
         _settings(ctx).url(),
         file,
