@@ -19,7 +19,7 @@ import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -513,6 +513,59 @@ def test_ctrl_c_stops_a_load_between_chunks_and_a_rerun_completes_it(
     assert counts(db_url)[0] == len(rows)
     with connect(db_url) as conn:
         assert_exact_totals(conn, expected)
+
+
+def test_ctrl_c_while_staging_stops_the_copy_and_applies_nothing(db_url: str) -> None:
+    """SIGINT while the input is still being staged: the COPY stops at its next block instead of
+    reading the input to its end, the run exits 130, and nothing is applied. The input here is a
+    pipe that is written to until the run ends, so a run that read on would never exit."""
+    proc = start_cli(
+        db_url,
+        "backfill",
+        "-",
+        "--format",
+        "csv",
+        stdin=subprocess.PIPE,
+        preexec_fn=_default_sigint,
+    )
+    assert proc.stdin is not None
+    feeding = threading.Event()
+    feeding.set()
+
+    def feed(pipe: IO[str]) -> None:
+        try:
+            pipe.write("action_id,user_id,lbs,logged_at,verified\n")
+            while feeding.is_set():
+                pipe.write(
+                    "".join(f"{new_id()},{new_id()},1.5,{logged_at(0)},true\n" for _ in range(1000))
+                )
+                pipe.flush()
+        except (BrokenPipeError, ValueError):  # the run has ended
+            pass
+
+    writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
+    writer.start()
+
+    def copying() -> bool:
+        with connect(db_url) as conn:
+            return conn.execute(
+                "SELECT count(*) > 0 FROM pg_stat_activity"
+                " WHERE datname = current_database() AND state = 'active' AND query LIKE 'COPY%%'"
+            ).fetchone()[0]
+
+    try:
+        wait_for(copying, timeout=60, what="the file's COPY to start")
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=120)  # the input never ends: only a stopped COPY exits
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        feeding.clear()
+        stop_process(proc, sig=signal.SIGKILL)
+    assert returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "bulk-sync: error: interrupted while staging the file; nothing was applied"
+    ), err
+    assert counts(db_url) == (0, 0, 0)
 
 
 HALF_THE_BOUND = "600000000000000000000000"  # two of these take a total past NUMERIC(30,6)

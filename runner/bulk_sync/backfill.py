@@ -697,16 +697,27 @@ def _stream_size(stream: IO[bytes]) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
+class _Stopped(Exception):
+    """Raised in a COPY's thread when the load stops (Ctrl-C, or another part failed): leaving
+    ``cur.copy()`` with it ends the COPY on the server."""
+
+
 def _copy_into_stage(
-    conn: psycopg.Connection, staged: Staged, counter: _CountingRaw, bar: _Progress
+    conn: psycopg.Connection,
+    staged: Staged,
+    counter: _CountingRaw,
+    bar: _Progress,
+    stop: threading.Event,
 ) -> int:
-    """COPY one part into the session's stage; the number of rows staged."""
+    """COPY one part into the session's stage, until ``stop`` is set; the number of rows staged."""
     shown = 0
     try:
         with conn.cursor() as cur:
             with cur.copy(staged.copy) as copy:
                 if staged.blocks is not None:
                     for block in staged.blocks:
+                        if stop.is_set():
+                            raise _Stopped
                         copy.write(block)
                         bar.update(counter.consumed - shown)
                         shown = counter.consumed
@@ -715,6 +726,8 @@ def _copy_into_stage(
                     for number, row in enumerate(staged.rows, start=1):
                         copy.write_row(row)
                         if number % 10_000 == 0:
+                            if stop.is_set():
+                                raise _Stopped
                             bar.update(counter.consumed - shown)
                             shown = counter.consumed
             bar.update(counter.consumed - shown)
@@ -769,12 +782,24 @@ def _check_parts(
 ) -> list[dict[str, Any]]:
     """Stage and check every part, each on its own session and all at once; the BS001 problems, by
     the load's row numbers, in line order."""
+    stop = threading.Event()
     with ThreadPoolExecutor(len(parts)) as pool:
         staging = [
-            pool.submit(_copy_into_stage, session, part, counter, bar)
+            pool.submit(_copy_into_stage, session, part, counter, bar, stop)
             for session, (part, counter) in zip(sessions, parts, strict=True)
         ]
-        counts = [future.result() for future in staging]
+        try:
+            counts = [future.result() for future in staging]
+        except KeyboardInterrupt as exc:
+            # SIGINT reaches this thread only: each COPY stops at its next block instead of
+            # reading its part to the end, and the load ends once they have.
+            stop.set()
+            pool.shutdown(wait=True)
+            raise CliError(
+                "interrupted while staging the file; nothing was applied", EXIT_INTERRUPTED
+            ) from exc
+        finally:
+            stop.set()  # however staging ended, no COPY reads on
         row = 1
         for (part, _), count in zip(parts, counts, strict=True):
             part.first_row, row = row, row + count
