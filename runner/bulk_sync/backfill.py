@@ -790,16 +790,14 @@ def _check_parts(
         ]
         try:
             counts = [future.result() for future in staging]
-        except KeyboardInterrupt as exc:
-            # SIGINT reaches this thread only: each COPY stops at its next block instead of
-            # reading its part to the end, and the load ends once they have.
-            stop.set()
-            pool.shutdown(wait=True)
+        except KeyboardInterrupt as exc:  # SIGINT reaches this thread only
             raise CliError(
                 "interrupted while staging the file; nothing was applied", EXIT_INTERRUPTED
             ) from exc
         finally:
-            stop.set()  # however staging ended, no COPY reads on
+            # However staging ended, each COPY stops at its next block instead of reading its
+            # part to the end; leaving the pool waits for that.
+            stop.set()
         row = 1
         for (part, _), count in zip(parts, counts, strict=True):
             part.first_row, row = row, row + count
