@@ -1042,3 +1042,52 @@ def test_reconcile_waits_for_a_writer_recreating_a_missing_user_row(db_url: str)
         ).fetchone()
         assert stats == ("17.000000", 2)
         assert_exact_totals(conn, Decimal("17"))
+
+
+# --------------------------------------------------------------------------- the slots' pages
+
+SLOT_PAGES = (
+    "SELECT pg_relation_size('bulk_sync._global_slots') / current_setting('block_size')::int"
+)
+
+
+def test_a_long_snapshot_moves_the_slots_into_spare_pages_not_new_ones(db_url: str) -> None:
+    """While a snapshot older than a slot's versions lasts, none of them can be pruned: four
+    writers fill their slots' pages and each slot moves, several times. Every move lands in one
+    of the free pages that 0012 gave the table, and the table does not grow (with no free page,
+    each move extends it), so a sum of the slots reads as many pages afterwards as before."""
+    with connect(db_url) as conn:
+        # Autovacuum does this after the migration: it records the spare pages as free.
+        conn.execute("VACUUM bulk_sync._global_slots")
+        pages = conn.execute(SLOT_PAGES).fetchone()[0]
+        before = Decimal(assert_exact_totals(conn))
+    assert pages >= 32
+
+    writers, calls = 4, 300
+    sent: list[list[Decimal]] = [[] for _ in range(writers)]
+    start = threading.Barrier(writers)
+
+    def writer(t: int) -> None:
+        rng = random.Random(7100 + t)
+        with connect(db_url) as conn:
+            start.wait()
+            for i in range(calls):
+                lbs = random_amount(rng)
+                response = log_action(conn, action(new_id(), new_id(), lbs, logged_at(i)))
+                assert response["status"] == "inserted"
+                sent[t].append(lbs)
+
+    with connect(db_url, autocommit=False) as holder:
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT count(*) FROM bulk_sync.user_actions").fetchone()
+        _run_threads(writers, writer)
+        with connect(db_url) as conn:
+            moved = conn.execute(
+                "SELECT count(DISTINCT (ctid::text::point)[0]) FROM bulk_sync._global_slots"
+            ).fetchone()[0]
+        holder.rollback()
+
+    with connect(db_url) as conn:
+        assert moved > 2, "the slots never left their first pages: nothing was tested"
+        assert conn.execute(SLOT_PAGES).fetchone()[0] == pages
+        assert_exact_totals(conn, before + decimal_sum(lbs for part in sent for lbs in part))

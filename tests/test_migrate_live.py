@@ -452,6 +452,7 @@ def test_upgrade_from_the_first_release_equals_a_fresh_install(
         "0009.event-batches",
         "0010.precount-claims",
         "0011.checked-actions",
+        "0012.slot-spare-pages",
     ]
     migrate(fresh)
     with connect(old) as upgraded, connect(fresh) as installed:

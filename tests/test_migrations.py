@@ -38,6 +38,7 @@ MIGRATION_IDS = [
     "0009.event-batches",
     "0010.precount-claims",
     "0011.checked-actions",
+    "0012.slot-spare-pages",
 ]
 ROLES = ("bulk_sync_reader", "bulk_sync_writer", "bulk_sync_admin")
 
@@ -273,7 +274,11 @@ def _event_counts(conn: psycopg.Connection) -> tuple[int, int]:
 def _check_after_rollback(
     conn: psycopg.Connection, migration_id: str, events_before: tuple[int, int]
 ) -> None:
-    if migration_id == "0011.checked-actions":
+    if migration_id == "0012.slot-spare-pages":
+        assert scalar(
+            conn, "SELECT reloptions FROM pg_class WHERE oid = 'bulk_sync._global_slots'::regclass"
+        ) == ["fillfactor=20"]
+    elif migration_id == "0011.checked-actions":
         assert scalar(conn, "SELECT to_regtype('bulk_sync._checked_action') IS NULL")
     elif migration_id == "0010.precount-claims":
         assert not relation_exists(conn, "bulk_sync._precount_claims")
