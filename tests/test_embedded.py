@@ -383,3 +383,17 @@ def test_the_server_user_gets_binaries_it_can_run(home: Path) -> None:
             assert f"({hidden / package.name / 'pginstall' / 'bin'})" in first, first
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+def test_checking_binaries_needs_no_base_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/bench's --pg-bin check on a machine where no embedded cluster was made yet. As root
+    the check runs `postgres --version` as the server's OS user, which once ran in the base
+    directory and so failed while it did not exist."""
+    missing = tmp_path / "never-made"
+    monkeypatch.setenv("BULK_SYNC_HOME", str(missing))
+    machine = [d for d in embedded._machine_bindirs() if (d / "postgres").is_file()]
+    assert machine, "this test needs PostgreSQL on the machine (scripts/test installs it)"
+    assert embedded.runnable_bindir(machine[0], "from --pg-bin") == machine[0]
+    assert not missing.exists()

@@ -363,13 +363,16 @@ def _command(args: Sequence[str]) -> list[str]:
 def _run(args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
+    # The base directory does not exist before the first cluster; a check of binaries alone
+    # (tests/bench's --pg-bin) may come first.
+    base = home()
     try:
         done = subprocess.run(
             _command(args),
             capture_output=True,
             text=True,
             env=env,
-            cwd=str(home()),
+            cwd=str(base) if base.is_dir() else "/",
             stdin=subprocess.DEVNULL,
             check=False,
         )
