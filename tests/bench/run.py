@@ -467,6 +467,9 @@ PGBENCH_HEADER = "\\set u random(1, :users)\n"
 
 
 FLOOR = "four-write floor"
+SLOT_PAGES = (
+    "SELECT pg_relation_size('bulk_sync._global_slots') / current_setting('block_size')::int"
+)
 BATCH_ACTIONS = 100  # actions per log_actions call in "T1 batched SQL"
 BATCH_CLIENTS = 8
 
@@ -644,10 +647,16 @@ def target_1(cluster: Cluster, sizes: Sizes, report: Report, profiler: Profiler)
                 wal.setdefault((name, clients), []).append(per_txn)
                 sent[name] += result.transactions * lbs_micro
                 rows[name] += result.transactions
+                # Every log_action reads all of the slots' pages ("The slots' spare pages").
+                slots = (
+                    f"; the slots' table {scalar(url, SLOT_PAGES)} pages"
+                    if name == "log_action"
+                    else ""
+                )
                 say(
                     f"  {clients:>2} clients, round {rnd + 1}: {name:<36} {result.tps:>10,.0f} tps"
                     f"  ({result.transactions:,} transactions, {per_txn:,.0f} B WAL and "
-                    f"{fpi:.2f} full-page images per transaction; load {loadavg()})"
+                    f"{fpi:.2f} full-page images per transaction{slots}; load {loadavg()})"
                 )
     # T1 batched SQL: log_actions, BATCH_ACTIONS a call, into the same ledger as log_action.
     batch_path = cluster.workdir / "t1-batch.sql"
